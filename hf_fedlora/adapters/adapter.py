@@ -1,0 +1,340 @@
+"""``LoraAdapter``: one PEFT LoRA adapter as a value, read lazily, checked, and saved atomically."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_PICKLE_NAME,
+    ADAPTER_SAFETENSORS_NAME,
+    PROVENANCE_NAME,
+)
+from ..errors import AdapterError, AdapterNotFoundError, UnsafeFormatError
+from ..linalg import factored_svd, pad_cols, pad_rows
+from .io import MemoryStore, SafetensorsStore, TensorStore, atomic_output_dir, read_json, sha256_file, write_json
+from .keys import lora_a_key, lora_b_key, split_keys
+from .scaling import fold, lora_scale, module_scale, unfold
+from .sources import resolve_source
+from .validate import check_factor_shapes, check_finite, lora_config_from_dict
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter: its ``LoraConfig``, its per-module factors and dense extras.
+
+    Tensors stay on disk until asked for (safetensors is read lazily), so holding many clients'
+    adapters costs only their headers. Build one with :meth:`from_pretrained` (a folder or a Hub
+    repo), :meth:`from_peft_model` or :meth:`from_state_dict`.
+
+    Attributes:
+        config (`peft.LoraConfig`): the adapter's configuration.
+        modules (`tuple[str]`): LoRA module names (PEFT keys without ``.lora_A.weight``), sorted.
+        extras (`tuple[str]`): dense tensors saved with the adapter (``modules_to_save``).
+        label (`str`): how errors name this adapter, e.g. ``client 2 ('clients/b')``.
+        provenance (`dict`): contents of ``fedlora_provenance.json`` (example count, strategy, ...).
+        directory (`Path`, *optional*): the folder it was read from.
+    """
+
+    def __init__(
+        self,
+        config: LoraConfig,
+        store: TensorStore,
+        *,
+        label: str = "in-memory adapter",
+        provenance: Mapping[str, Any] | None = None,
+        directory: str | os.PathLike | None = None,
+    ):
+        self.config = config
+        self._store = store
+        self.label = label
+        self.provenance = dict(provenance or {})
+        self.directory = Path(directory) if directory is not None else None
+        layout = split_keys(store.keys(), config.modules_to_save, f"{label}, file '{ADAPTER_SAFETENSORS_NAME}'")
+        self.modules, self.extras = layout.modules, layout.extras
+        check_factor_shapes(self)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        label: str | None = None,
+    ) -> "LoraAdapter":
+        """Open a PEFT adapter folder, or download one from the Hub.
+
+        Args:
+            source: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``, or a Hub
+                repo id (``"user/repo"``, ``"user/repo@round-0003"``).
+            revision: Hub branch, tag or commit.
+            token: Hub token for private repos (never logged).
+            cache_dir: Hub cache folder.
+            allow_pickle: accept a pickle ``adapter_model.bin`` when no safetensors file exists. It is
+                still read with ``torch.load(weights_only=True)``; only pass it for files you trust.
+            label: how errors should name this adapter (default: the source).
+
+        Raises:
+            AdapterNotFoundError, AdapterFormatError, UnsupportedAdapterError, RankMismatchError,
+            UnsafeFormatError: with the source, file and field named.
+        """
+        folder, label = resolve_source(
+            source, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, where=label
+        )
+        config = lora_config_from_dict(read_json(folder / ADAPTER_CONFIG_NAME, label, "adapter config"), label)
+        weights = folder / ADAPTER_SAFETENSORS_NAME
+        if weights.is_file():
+            store: TensorStore = SafetensorsStore(weights, label)
+        elif (folder / ADAPTER_PICKLE_NAME).is_file():
+            if not allow_pickle:
+                raise UnsafeFormatError(
+                    f"{label}, file '{ADAPTER_PICKLE_NAME}': only a pickle weights file is present, and loading "
+                    "pickles can run arbitrary code. Ask the client for 'adapter_model.safetensors' (PEFT's "
+                    "default), or pass `allow_pickle=True` if you trust this file."
+                )
+            store = _load_pickle(folder / ADAPTER_PICKLE_NAME, label)
+        else:
+            raise AdapterNotFoundError(f"{label}: no '{ADAPTER_SAFETENSORS_NAME}' in '{folder}'.")
+        provenance = read_json(folder / PROVENANCE_NAME, label, "provenance") if (folder / PROVENANCE_NAME).is_file() else {}
+        return cls(config, store, label=label, provenance=provenance, directory=folder)
+
+    @classmethod
+    def from_peft_model(cls, model: Any, adapter_name: str | None = None, *, label: str | None = None) -> "LoraAdapter":
+        """Take an adapter (default: the active one) out of a ``peft.PeftModel``, as PEFT would save it."""
+        from peft import get_peft_model_state_dict
+
+        adapter_name = adapter_name or model.active_adapter
+        config = copy.deepcopy(model.peft_config[adapter_name])
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        state = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+        return cls(config, MemoryStore(state), label=label or f"PeftModel adapter '{adapter_name}'")
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: LoraConfig,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        label: str = "in-memory adapter",
+        provenance: Mapping[str, Any] | None = None,
+    ) -> "LoraAdapter":
+        """Wrap tensors keyed as PEFT saves them (``...lora_A.weight``, ``...lora_B.weight``, extras)."""
+        return cls(config, MemoryStore(state_dict), label=label, provenance=provenance)
+
+    def relabel(self, label: str) -> "LoraAdapter":
+        """The same adapter (sharing its tensors) under another name for error messages."""
+        twin = copy.copy(self)
+        twin.label = label
+        return twin
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Rank of every LoRA module, ``{module_name: rank}``."""
+        return {m: self.factor_shapes(m)[0][0] for m in self.modules}
+
+    @property
+    def max_rank(self) -> int:
+        """The largest module rank."""
+        return max(self.ranks.values())
+
+    @property
+    def num_examples(self) -> int | None:
+        """How many training examples produced this adapter, when its provenance says so."""
+        value = self.provenance.get("num_examples")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @num_examples.setter
+    def num_examples(self, value: int | None) -> None:
+        self.provenance["num_examples"] = value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the LoRA factors."""
+        return self.tensor_dtype(lora_a_key(self.modules[0])) or torch.float32
+
+    def scale(self, module: str) -> float:
+        """PEFT's scale ``s`` for ``module`` (``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA)."""
+        return module_scale(self.config, module)
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]:
+        """Shape of a stored tensor, read from the header only."""
+        return self._store.shape(key)
+
+    def tensor_dtype(self, key: str) -> torch.dtype | None:
+        """Dtype of a stored tensor, read from the header only."""
+        return self._store.dtype(key)
+
+    def factor_shapes(self, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``(A, B)`` for ``module`` without reading their data."""
+        return self._store.shape(lora_a_key(module)), self._store.shape(lora_b_key(module))
+
+    def num_parameters(self) -> int:
+        """Number of stored values (LoRA factors and extras): what a client sends."""
+        return sum(int(torch.Size(self._store.shape(k)).numel()) for k in self._store.keys())
+
+    def num_bytes(self) -> int:
+        """Size of the stored tensors in bytes."""
+        total = 0
+        for key in self._store.keys():
+            dtype = self._store.dtype(key) or torch.float32
+            total += int(torch.Size(self._store.shape(key)).numel()) * dtype.itemsize
+        return total
+
+    def _read(self, key: str) -> torch.Tensor:
+        tensor = self._store.get(key)
+        check_finite(tensor, f"{self.label}, file '{ADAPTER_SAFETENSORS_NAME}'", key)
+        return tensor
+
+    def lora_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored ``(A, B)`` of ``module`` as saved (unscaled, storage dtype), checked finite."""
+        if module not in self.modules:
+            raise KeyError(f"{self.label}: no LoRA module `{module}`; it has {len(self.modules)} modules, e.g. {self.modules[:2]}")
+        return self._read(lora_a_key(module)), self._read(lora_b_key(module))
+
+    def folded_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(s) A, sqrt(s) B)`` as float32 matrices ``[r, in]`` and ``[out, r]``: ``B' @ A' = dW``."""
+        a, b = self.lora_factors(module)
+        a, b = fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
+        return a, b
+
+    def extra(self, key: str) -> torch.Tensor:
+        """A dense tensor saved with the adapter (``modules_to_save``), checked finite."""
+        return self._read(key)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The update PEFT adds to the base layer's weight, ``s * B @ A``, in float32.
+
+        For ``nn.Linear`` this is ``[out, in]`` (transpose it for ``fan_in_fan_out`` layers such as
+        GPT-2's ``Conv1D``); convolution updates come back in the layer's weight shape.
+        """
+        a, b = self.folded_factors(name)
+        a_shape, _ = self.factor_shapes(name)
+        return (b @ a).reshape(b.shape[0], *a_shape[1:])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor, loaded, keyed as PEFT saves them."""
+        return {key: self._store.get(key) for key in self._store.keys()}
+
+    def sha256(self) -> str:
+        """Hex sha256 identifying the adapter's weights: of the safetensors file when read from one,
+        else of its safetensors serialisation."""
+        store = self._store
+        if isinstance(store, SafetensorsStore):
+            return sha256_file(store.path)
+        return hashlib.sha256(safetensors_bytes({k: v.contiguous() for k, v in self.state_dict().items()})).hexdigest()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the adapter as PEFT does (config + safetensors), plus its provenance file.
+
+        The files appear all at once (written to a temporary folder, then renamed), so an
+        interrupted save never leaves a half-written adapter. The result loads with
+        ``peft.PeftModel.from_pretrained``.
+
+        Args:
+            save_directory: target folder (created if needed).
+            dtype: cast the tensors (e.g. ``torch.bfloat16``); default: as stored.
+
+        Returns:
+            The folder written.
+        """
+        tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in self.state_dict().items()}
+        with atomic_output_dir(save_directory) as tmp:
+            save_file(tensors, str(tmp / ADAPTER_SAFETENSORS_NAME), metadata={"format": "pt"})
+            self.config.save_pretrained(str(tmp))
+            if self.provenance:
+                write_json(tmp / PROVENANCE_NAME, {**self.provenance, "hf_fedlora_version": __version__})
+        return Path(save_directory)
+
+    def to_rank(
+        self,
+        rank: int,
+        lora_alpha: float | None = None,
+        *,
+        use_rslora: bool = False,
+        method: str = "truncate",
+        seed: int = 0,
+    ) -> "LoraAdapter":
+        """The view of this adapter a client of rank ``rank`` trains from (every module at ``rank``).
+
+        Factors are unfolded to the client's scale (``lora_alpha / rank``, or ``/ sqrt(rank)`` with
+        rsLoRA) so that, loaded with the returned config, PEFT applies the same update (up to the
+        dropped slots). Slots beyond a module's rank get PEFT's initialisation (random A, zero B),
+        which changes nothing in the update but lets the client train them.
+
+        Args:
+            rank: the client's LoRA rank.
+            lora_alpha: the client's alpha (default: ``rank``, scale 1).
+            use_rslora: whether the client uses rsLoRA scaling.
+            method: ``"truncate"`` keeps the first ``rank`` slots (for the padding strategies, whose
+                slots are ordered); ``"svd"`` keeps the best rank-``rank`` approximation of each update.
+            seed: seed for the initialisation of padded slots.
+
+        Returns:
+            A new in-memory ``LoraAdapter`` with ``r=rank`` and the client's alpha.
+        """
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise AdapterError(f"`rank` must be a positive integer, got {rank!r}.")
+        if method not in ("truncate", "svd"):
+            raise AdapterError(f"`method` must be 'truncate' or 'svd', got {method!r}.")
+        alpha = float(rank if lora_alpha is None else lora_alpha)
+        target_scale = lora_scale(rank, alpha, use_rslora)
+        generator = torch.Generator().manual_seed(seed)
+        state: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            a, b = self.folded_factors(module)
+            if method == "svd":
+                a, b = factored_svd([b], [a], min(rank, a.shape[0]))
+            a, b = unfold(pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale)
+            if a.shape[0] < rank:
+                bound = 1.0 / math.sqrt(a.shape[1])
+                fresh = (torch.rand(rank - a.shape[0], a.shape[1], generator=generator) * 2 - 1) * bound
+                a, b = torch.cat([a, fresh]), pad_cols(b, rank)
+            a_shape, b_shape = self.factor_shapes(module)
+            dtype = self.tensor_dtype(lora_a_key(module)) or torch.float32
+            state[lora_a_key(module)] = a.reshape(rank, *a_shape[1:]).to(dtype)
+            state[lora_b_key(module)] = b.reshape(b_shape[0], rank, *b_shape[2:]).to(dtype)
+        for key in self.extras:
+            state[key] = self.extra(key).clone()
+        config = copy.deepcopy(self.config)
+        config.r, config.lora_alpha, config.use_rslora = rank, alpha, use_rslora
+        config.rank_pattern, config.alpha_pattern = {}, {}
+        provenance = {k: v for k, v in self.provenance.items() if k != "num_examples"}
+        return LoraAdapter(config, MemoryStore(state), label=f"{self.label} at rank {rank}", provenance=provenance)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload this adapter to the Hub in one commit (see :func:`hf_fedlora.hub.push_adapter`)."""
+        from ..hub.push import push_adapter
+
+        return push_adapter(self, repo_id, **kwargs)
+
+    def __repr__(self) -> str:
+        ranks = sorted(set(self.ranks.values()))
+        return f"LoraAdapter({self.label!r}, modules={len(self.modules)}, ranks={ranks}, extras={len(self.extras)})"
+
+
+def _load_pickle(path: Path, label: str) -> MemoryStore:
+    from ..errors import AdapterFormatError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterFormatError(f"{label}, file '{path.name}': cannot be read as a weights-only torch file ({exc}).") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterFormatError(f"{label}, file '{path.name}': expected a mapping of tensor names to tensors.")
+    return MemoryStore(state)
+
+
+__all__ = ["LoraAdapter"]

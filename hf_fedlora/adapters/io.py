@@ -1,0 +1,159 @@
+"""Reading and writing adapter files: lazy safetensors access, JSON, hashes, atomic output."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol
+
+import torch
+from safetensors import safe_open
+
+from ..errors import AdapterFormatError, AdapterNotFoundError
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorStore(Protocol):
+    """Read-only access to named tensors, one at a time."""
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype | None: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class MemoryStore:
+    """Tensors already in memory (an adapter built in Python or taken from a ``PeftModel``)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class SafetensorsStore:
+    """A safetensors file read lazily: the header at open, each tensor only when asked for."""
+
+    def __init__(self, path: str | os.PathLike, where: str):
+        self.path = Path(path)
+        self._where = where
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            self._keys = sorted(self._handle.keys())
+            self._slices = {k: self._handle.get_slice(k) for k in self._keys}
+        except FileNotFoundError as exc:
+            raise AdapterNotFoundError(f"{where}: weights file '{self.path}' does not exist.") from exc
+        except Exception as exc:  # safetensors raises its own error type for every kind of corruption
+            raise AdapterFormatError(
+                f"{where}, file '{self.path.name}': not a valid safetensors file ({exc}). "
+                "The upload was probably truncated or corrupted: send the adapter again."
+            ) from exc
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slices[key].get_shape())
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype())
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise AdapterFormatError(
+                f"{self._where}, file '{self.path.name}': tensor `{key}` cannot be read ({exc})."
+            ) from exc
+
+
+def read_json(path: str | os.PathLike, where: str, what: str) -> dict[str, Any]:
+    """Parse a JSON object from ``path``; errors name the client, the file and what it should hold."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise AdapterNotFoundError(f"{where}: {what} '{path.name}' is missing from '{path.parent}'.") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{where}, file '{path.name}': cannot be read as text ({exc}).") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(
+            f"{where}, file '{path.name}': {what} is not valid JSON ({exc.msg} at line {exc.lineno})."
+        ) from exc
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{where}, file '{path.name}': {what} must be a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as indented, key-sorted JSON with a trailing newline."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success its files move into ``target``.
+
+    A new ``target`` appears in one rename, so readers never see it half-written. If ``target``
+    exists, each file replaces its namesake by rename and other files are kept (as PEFT's
+    ``save_pretrained`` keeps them). If the body raises, the temporary folder is removed and
+    ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, target)  # atomic when target does not exist
+        except OSError:
+            if not target.is_dir():
+                raise
+            for path in tmp.iterdir():
+                os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,204 @@
+"""``aggregate_adapters``: merge LoRA adapters of different ranks into one global adapter."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import LoraAdapter, lora_a_key, lora_b_key
+from .adapters.scaling import unit_scale_config
+from .adapters.validate import check_compatible
+from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError
+from .strategies import ModuleInputs, Strategy, get_strategy
+
+AdapterSource = Union[str, os.PathLike, LoraAdapter, Any]
+"""A PEFT folder, a Hub repo id (``"user/repo"`` or ``"user/repo@revision"``), a ``LoraAdapter``
+or a ``peft.PeftModel`` (its active adapter)."""
+
+
+def _describe(source: AdapterSource) -> str:
+    if isinstance(source, LoraAdapter):
+        return source.label
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return type(source).__name__
+
+
+def resolve_adapter(source: AdapterSource, label: str, **load_kwargs: Any) -> LoraAdapter:
+    """Turn any accepted source into a ``LoraAdapter`` named ``label`` in errors."""
+    if isinstance(source, LoraAdapter):
+        return source.relabel(label)
+    if hasattr(source, "peft_config") and hasattr(source, "active_adapter"):
+        return LoraAdapter.from_peft_model(source, label=label)
+    if isinstance(source, (str, os.PathLike)):
+        return LoraAdapter.from_pretrained(source, label=label, **load_kwargs)
+    raise AdapterError(
+        f"{label}: cannot read an adapter from a {type(source).__name__}; pass a folder, a Hub repo id, "
+        "a LoraAdapter or a peft.PeftModel."
+    )
+
+
+def resolve_weights(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None,
+    num_examples: Sequence[int] | None,
+) -> torch.Tensor:
+    """Normalised client weights: ``weights`` if given, else example counts, else uniform.
+
+    Raises:
+        InvalidWeightsError: wrong length, or a weight (or example count) that is not a finite
+            positive number.
+    """
+    counts = list(num_examples) if num_examples is not None else [a.num_examples for a in adapters]
+    if weights is None and num_examples is not None:
+        weights, what = counts, "num_examples"
+    elif weights is None and all(c is not None for c in counts):
+        weights, what = counts, "num_examples from the provenance files"
+    elif weights is None:
+        weights, what = [1.0] * len(adapters), "uniform"
+    else:
+        what = "weights"
+    values = list(weights)
+    if len(values) != len(adapters):
+        raise InvalidWeightsError(f"`{what}` has {len(values)} entries for {len(adapters)} clients; give one per client.")
+    for adapter, value in zip(adapters, values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InvalidWeightsError(
+                f"{adapter.label}: `{what}` entry is {value!r}; every client's weight must be a finite positive number."
+            )
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return (tensor / tensor.sum()).float()
+
+
+def _output_dtype(adapters: Sequence[LoraAdapter], dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    dtypes = {a.dtype for a in adapters}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
+    if strategy.supports_heterogeneous_ranks:
+        return
+    reference = adapters[0].ranks
+    for other in adapters[1:]:
+        for module, rank in other.ranks.items():
+            if rank != reference[module]:
+                raise IncompatibleAdaptersError(
+                    f"{other.label}: module `{module}` has rank {rank} but {adapters[0].label} has rank "
+                    f"{reference[module]}; strategy '{strategy.name}' needs equal ranks. Use 'replication' "
+                    "(or 'zero_padding', 'hetlora', 'flexlora', 'stacking') for heterogeneous ranks."
+                )
+
+
+def aggregate_adapters(
+    sources: Sequence[AdapterSource],
+    strategy: str | Strategy = "replication",
+    weights: Sequence[float] | None = None,
+    target_rank: int | None = None,
+    previous: AdapterSource | None = None,
+    *,
+    num_examples: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    check_base_model: bool = True,
+    progress: bool = False,
+) -> LoraAdapter:
+    """Merge LoRA adapters, possibly of different ranks, into one global adapter.
+
+    Every module's factors are folded with their client's PEFT scale, merged in float32 by the
+    strategy, and stored at scale 1 (``lora_alpha = r``, with ``rank_pattern``/``alpha_pattern`` where
+    module ranks differ). Inputs are read lazily, one module at a time, so peak memory is about the
+    output plus one module of every client.
+
+    Args:
+        sources: the clients' adapters: PEFT folders, Hub repo ids (``"user/repo@rev"``),
+            ``LoraAdapter`` objects or ``PeftModel`` objects.
+        strategy: a registered name (``hf_fedlora.strategies.list_strategies()``) or a ``Strategy``.
+            Defaults to ``"replication"``.
+        weights: per-client weights (normalised here). Default: example counts when every source
+            carries one (``num_examples`` or provenance files), else uniform.
+        target_rank: output rank for ``flexlora`` (and the padding rules); default the largest rank.
+        previous: last round's global adapter; ``replication`` keeps its slots that no client of
+            this round owns.
+        num_examples: per-client example counts, overriding the provenance files.
+        dtype: dtype of the output tensors (default: the inputs' dtype if they share one, else float32).
+        token, cache_dir: for Hub sources.
+        allow_pickle: accept pickle ``adapter_model.bin`` inputs (still loaded weights-only).
+        check_base_model: refuse adapters whose ``base_model_name_or_path`` differ.
+        progress: show a progress bar over modules.
+
+    Returns:
+        The global ``LoraAdapter`` (in memory), with a provenance record of the strategy, each
+        client's ranks, weight, example count and sha256.
+
+    Raises:
+        AdapterError: (subclasses) naming the client and the file or field at fault, for unreadable,
+            unsupported or incompatible inputs and invalid weights; ``UnknownStrategyError`` for an
+            unknown strategy name.
+    """
+    strategy = get_strategy(strategy)
+    if not sources:
+        raise AdapterError("`sources` is empty: pass at least one client adapter to aggregate.")
+    if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1):
+        raise AdapterError(f"`target_rank` must be a positive integer, got {target_rank!r}.")
+    load = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
+    adapters = [resolve_adapter(s, f"client {i} ({_describe(s)})", **load) for i, s in enumerate(sources)]
+    check_compatible(adapters, check_base_model=check_base_model)
+    _check_ranks(adapters, strategy)
+    p = resolve_weights(adapters, weights, num_examples)
+    prior = None
+    if previous is not None:
+        prior = resolve_adapter(previous, f"previous global adapter ({_describe(previous)})", **load)
+        check_compatible([adapters[0], prior], check_base_model=check_base_model)
+
+    out_dtype = _output_dtype(adapters, dtype)
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module in tqdm(adapters[0].modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module"):
+        folded = [a.folded_factors(module) for a in adapters]
+        inputs = ModuleInputs(
+            name=module,
+            a=[f[0] for f in folded],
+            b=[f[1] for f in folded],
+            weights=p,
+            target_rank=target_rank,
+            previous=prior.folded_factors(module) if prior is not None else None,
+        )
+        a, b = strategy.aggregate_module(inputs)
+        a_shape, b_shape = adapters[0].factor_shapes(module)
+        ranks[module] = a.shape[0]
+        state[lora_a_key(module)] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()
+        state[lora_b_key(module)] = b.reshape(b.shape[0], a.shape[0], *b_shape[2:]).to(out_dtype).contiguous()
+    for key in adapters[0].extras:
+        dense = sum(w * a.extra(key).float() for w, a in zip(p, adapters))
+        state[key] = dense.to(adapters[0].tensor_dtype(key) or torch.float32)
+
+    counts = [a.num_examples for a in adapters] if num_examples is None else list(num_examples)
+    provenance = {
+        "strategy": strategy.name,
+        "target_rank": target_rank,
+        "num_clients": len(adapters),
+        "num_examples": sum(counts) if all(c is not None for c in counts) else None,
+        "clients": [
+            {
+                "source": _describe(source),
+                "ranks": sorted(set(a.ranks.values())),
+                "weight": float(w),
+                "num_examples": c,
+                "sha256": a.sha256(),
+            }
+            for source, a, w, c in zip(sources, adapters, p, counts)
+        ],
+        "previous": _describe(previous) if previous is not None else None,
+        "hf_fedlora_version": __version__,
+    }
+    config = unit_scale_config(adapters[0].config, ranks)
+    return LoraAdapter.from_state_dict(config, state, label=f"global adapter ({strategy.name})", provenance=provenance)

@@ -1,0 +1,51 @@
+"""Low-rank linear algebra shared by the strategies and ``LoraAdapter.to_rank`` (pure float32 torch)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def pad_rows(a: torch.Tensor, rank: int) -> torch.Tensor:
+    """``a`` ([r, in]) with zero rows appended up to ``rank`` rows, or cut to its first ``rank`` rows."""
+    if a.shape[0] >= rank:
+        return a[:rank]
+    return torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])], dim=0)
+
+
+def pad_cols(b: torch.Tensor, rank: int) -> torch.Tensor:
+    """``b`` ([out, r]) with zero columns appended up to ``rank`` columns, or cut to its first ``rank``."""
+    if b.shape[1] >= rank:
+        return b[:, :rank]
+    return torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+
+
+def factored_svd(
+    bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` approximation of ``sum_k B_k @ A_k``, without forming the dense matrix.
+
+    Stacks the factors (``[out, s]`` and ``[s, in]`` with ``s = sum r_k``), takes a QR of each and
+    the SVD of the small ``s x s`` core, so the cost grows with ``s``, not with ``out x in``.
+    The result is split evenly between the factors (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) and is
+    zero-padded when the sum has lower rank than asked.
+
+    Args:
+        bs: the ``B_k`` factors, ``[out, r_k]`` each (already scaled by any weight).
+        as_: the ``A_k`` factors, ``[r_k, in]`` each.
+        rank: the rank of the result.
+
+    Returns:
+        ``(A, B)`` with shapes ``[rank, in]`` and ``[out, rank]``, float32.
+    """
+    b_stack = torch.cat([b.double() for b in bs], dim=1)
+    a_stack = torch.cat([a.double() for a in as_], dim=0)
+    q_b, r_b = torch.linalg.qr(b_stack)  # float64: the core's small singular values stay accurate
+    q_a, r_a = torch.linalg.qr(a_stack.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    keep = min(rank, s.shape[0])
+    root = s[:keep].sqrt()
+    b = (q_b @ u[:, :keep]) * root
+    a = root[:, None] * (vh[:keep] @ q_a.T)
+    return pad_rows(a.float(), rank), pad_cols(b.float(), rank)

@@ -1,0 +1,28 @@
+"""Aggregation rules for heterogeneous-rank LoRA: one file per rule, one registry.
+
+Add a rule by subclassing :class:`Strategy`, decorating it with :func:`register_strategy`, and
+importing its module; ``aggregate_adapters(..., strategy="<name>")`` then finds it.
+"""
+
+from .base import ModuleInputs, Strategy
+from .registry import get_strategy, list_strategies, register_strategy
+from .fedavg import FedAvgStrategy
+from .flexlora import FlexLoraStrategy
+from .hetlora import HetLoraStrategy
+from .replication import ReplicationStrategy
+from .stacking import StackingStrategy
+from .zero_padding import ZeroPaddingStrategy
+
+__all__ = [
+    "FedAvgStrategy",
+    "FlexLoraStrategy",
+    "HetLoraStrategy",
+    "ModuleInputs",
+    "ReplicationStrategy",
+    "StackingStrategy",
+    "Strategy",
+    "ZeroPaddingStrategy",
+    "get_strategy",
+    "list_strategies",
+    "register_strategy",
+]
