@@ -1,0 +1,164 @@
+"""Every strategy against an independent reference computed from the raw factors (float64, loops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fedlora import aggregate_adapters, list_strategies
+from hf_fedlora.strategies import ModuleInputs, get_strategy
+
+OUT, IN = 24, 20
+
+
+def random_inputs(ranks, seed=0, weights=None, **kwargs) -> ModuleInputs:
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(r, IN, generator=g) for r in ranks]
+    b = [torch.randn(OUT, r, generator=g) for r in ranks]
+    w = torch.tensor(weights if weights is not None else [1.0] * len(ranks))
+    return ModuleInputs(name="m", a=a, b=b, weights=(w / w.sum()).float(), **kwargs)
+
+
+def dense_sum(inputs: ModuleInputs) -> torch.Tensor:
+    return sum(w.double() * (b.double() @ a.double()) for w, a, b in zip(inputs.weights, inputs.a, inputs.b))
+
+
+def _zeros(inputs: ModuleInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, inn = inputs.b[0].shape[0], inputs.a[0].shape[1]
+    return torch.zeros(rank, inn, dtype=torch.float64), torch.zeros(out, rank, dtype=torch.float64)
+
+
+def reference_replication(inputs: ModuleInputs, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a_out, b_out = _zeros(inputs, rank)
+    for i in range(rank):
+        owners = [k for k, r in enumerate(inputs.ranks) if r > i]
+        total = sum(float(inputs.weights[k]) for k in owners)
+        for k in owners:
+            a_out[i] += float(inputs.weights[k]) / total * inputs.a[k][i].double()
+            b_out[:, i] += float(inputs.weights[k]) / total * inputs.b[k][:, i].double()
+    return a_out, b_out
+
+
+def reference_zero_padding(inputs: ModuleInputs, rank: int, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = inputs.weights if weights is None else weights
+    a_out, b_out = _zeros(inputs, rank)
+    for w, a, b in zip(weights, inputs.a, inputs.b):
+        a_out[: a.shape[0]] += float(w) * a.double()
+        b_out[:, : b.shape[1]] += float(w) * b.double()
+    return a_out, b_out
+
+
+class TestEqualRanksAgree:
+    def test_replication_zero_padding_fedavg_hetlora_uniform_norms(self):
+        inputs = random_inputs([6, 6, 6], weights=[1, 2, 3])
+        results = {name: get_strategy(name).aggregate_module(inputs) for name in ("replication", "zero_padding", "fedavg")}
+        for name in ("zero_padding", "fedavg"):
+            torch.testing.assert_close(results[name][0], results["replication"][0])
+            torch.testing.assert_close(results[name][1], results["replication"][1])
+        ref_a, ref_b = reference_zero_padding(inputs, 6)
+        torch.testing.assert_close(results["fedavg"][0].double(), ref_a)
+        torch.testing.assert_close(results["fedavg"][1].double(), ref_b)
+
+
+class TestReplication:
+    def test_each_slot_is_the_weighted_mean_over_its_owners(self):
+        inputs = random_inputs([2, 5, 8, 8], weights=[4, 1, 2, 3], seed=1)
+        a, b = get_strategy("replication").aggregate_module(inputs)
+        ref_a, ref_b = reference_replication(inputs, 8)
+        assert a.shape == (8, IN) and b.shape == (OUT, 8)
+        torch.testing.assert_close(a.double(), ref_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.double(), ref_b, rtol=1e-5, atol=1e-6)
+
+    def test_hand_computed_values(self):
+        # client 0 (rank 1, weight 1/4) and client 1 (rank 2, weight 3/4), 1-dim layers.
+        inputs = ModuleInputs(
+            name="m",
+            a=[torch.tensor([[2.0]]), torch.tensor([[6.0], [8.0]])],
+            b=[torch.tensor([[1.0]]), torch.tensor([[5.0, 4.0]])],
+            weights=torch.tensor([0.25, 0.75]),
+        )
+        a, b = get_strategy("replication").aggregate_module(inputs)
+        assert a.flatten().tolist() == [0.25 * 2 + 0.75 * 6, 8.0]  # slot 1 owned by client 1 alone: kept whole
+        assert b.flatten().tolist() == [0.25 * 1 + 0.75 * 5, 4.0]
+        za, zb = get_strategy("zero_padding").aggregate_module(inputs)
+        assert za.flatten().tolist() == [5.0, 6.0]  # zero-padding shrinks slot 1 by client 1's share
+        assert zb.flatten().tolist() == [4.0, 3.0]
+
+    def test_orphan_slots_keep_previous_global_value(self):
+        previous = (torch.full((6, IN), 7.0), torch.full((OUT, 6), -3.0))
+        inputs = random_inputs([2, 4], previous=previous)
+        a, b = get_strategy("replication").aggregate_module(inputs)
+        assert a.shape == (6, IN)
+        torch.testing.assert_close(a[4:], previous[0][4:])
+        torch.testing.assert_close(b[:, 4:], previous[1][:, 4:])
+        ref_a, _ = reference_replication(inputs, 4)
+        torch.testing.assert_close(a[:4].double(), ref_a, rtol=1e-5, atol=1e-6)
+
+    def test_orphan_slots_without_previous_are_zero(self):
+        a, b = get_strategy("replication").aggregate_module(random_inputs([2, 3], target_rank=5))
+        assert torch.count_nonzero(a[3:]) == 0 and torch.count_nonzero(b[:, 3:]) == 0
+
+
+class TestZeroPaddingAndHetLora:
+    def test_zero_padding_matches_reference(self):
+        inputs = random_inputs([3, 7, 5], weights=[1, 1, 2], seed=2)
+        a, b = get_strategy("zero_padding").aggregate_module(inputs)
+        ref_a, ref_b = reference_zero_padding(inputs, 7)
+        torch.testing.assert_close(a.double(), ref_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.double(), ref_b, rtol=1e-5, atol=1e-6)
+
+    def test_hetlora_weights_by_update_norm(self):
+        inputs = random_inputs([3, 7, 5], weights=[1, 1, 2], seed=3)
+        norms = torch.tensor([torch.linalg.matrix_norm(b.double() @ a.double()) for a, b in zip(inputs.a, inputs.b)])
+        weights = inputs.weights.double() * norms
+        a, b = get_strategy("hetlora").aggregate_module(inputs)
+        ref_a, ref_b = reference_zero_padding(inputs, 7, weights / weights.sum())
+        torch.testing.assert_close(a.double(), ref_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.double(), ref_b, rtol=1e-5, atol=1e-6)
+
+
+class TestExactStrategies:
+    def test_stacking_reproduces_weighted_sum_of_updates(self):
+        inputs = random_inputs([2, 4, 8, 16], weights=[5, 1, 1, 3], seed=4)
+        a, b = get_strategy("stacking").aggregate_module(inputs)
+        assert a.shape[0] == 30
+        torch.testing.assert_close((b.double() @ a.double()), dense_sum(inputs), rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("target", [None, 3, 12])
+    def test_flexlora_equals_dense_svd_truncation(self, target):
+        inputs = random_inputs([2, 4, 8], weights=[1, 2, 3], seed=5, target_rank=target)
+        a, b = get_strategy("flexlora").aggregate_module(inputs)
+        rank = target or 8
+        assert a.shape == (rank, IN) and b.shape == (OUT, rank)
+        u, s, vh = torch.linalg.svd(dense_sum(inputs))
+        keep = min(rank, 14)  # the sum has rank at most 2 + 4 + 8
+        reference = (u[:, :keep] * s[:keep]) @ vh[:keep]
+        error = torch.linalg.matrix_norm(b.double() @ a.double() - reference) / torch.linalg.matrix_norm(reference)
+        assert error < 1e-5
+
+
+@pytest.mark.parametrize("name", ["replication", "zero_padding", "hetlora", "flexlora", "stacking"])
+def test_strategy_through_aggregate_matches_reference_on_peft_files(name, make_adapter):
+    """The same rules, through files PEFT wrote with different ranks and alphas (scales folded)."""
+    from hf_fedlora import LoraAdapter
+
+    paths = [make_adapter("a", 2, 4, seed=1), make_adapter("b", 8, 32, seed=2), make_adapter("c", 4, 4, seed=3)]
+    clients = [LoraAdapter.from_pretrained(p) for p in paths]
+    result = aggregate_adapters(paths, strategy=name, weights=[1, 2, 1])
+    for module in clients[0].modules:
+        folded = [c.folded_factors(module) for c in clients]
+        inputs = ModuleInputs(module, [f[0] for f in folded], [f[1] for f in folded], torch.tensor([0.25, 0.5, 0.25]))
+        if name == "replication":
+            a, b = reference_replication(inputs, 8)
+        elif name == "zero_padding":
+            a, b = reference_zero_padding(inputs, 8)
+        elif name == "stacking":
+            a, b = None, None
+        else:  # norm-weighted and SVD rules are checked above on random factors
+            a, b = get_strategy(name).aggregate_module(inputs)
+        expected = dense_sum(inputs) if a is None else b.double() @ a.double()
+        torch.testing.assert_close(result.delta_weight(module).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_registered_strategy_is_covered():
+    assert set(list_strategies()) == {"replication", "zero_padding", "hetlora", "flexlora", "stacking", "fedavg"}
