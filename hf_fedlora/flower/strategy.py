@@ -230,6 +230,8 @@ class HeteroLoraStrategy(FedAvg):
         self._global_arrays, _ = adapter_to_records(self.global_adapter)
         self.rounds.append(record if self.keep_replies else RoundRecord(server_round, record.node_ids, rejected=record.rejected))
         metrics = self._train_metrics([content for _, _, content in accepted], len(record.rejected))
+        if counts is not None:
+            metrics[self.weighted_by_key] = int(sum(counts))
         if self.on_aggregate is not None:
             self.on_aggregate(server_round, self.global_adapter, metrics)
         return self._global_arrays, metrics
