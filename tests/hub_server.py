@@ -82,6 +82,7 @@ class Fault:
     pattern: re.Pattern
     status: int | str  # an HTTP status, or "drop" to close the connection without answering
     times: int | None  # None: forever
+    after: bool = False  # True: handle the request first, then fail (the answer is lost)
 
 
 @dataclass
@@ -149,12 +150,15 @@ class LocalHub:
         self.stop()
 
     # -- test controls -------------------------------------------------------------------------
-    def fail(self, method: str, path_regex: str, *, status: int | str = 500, times: int | None = 1) -> None:
+    def fail(
+        self, method: str, path_regex: str, *, status: int | str = 500, times: int | None = 1, after: bool = False
+    ) -> None:
         """Make the next ``times`` requests matching ``method`` and ``path_regex`` fail with
         ``status`` (an HTTP code, or ``"drop"``: the connection closes without an answer).
-        ``times=None`` fails them forever."""
+        ``times=None`` fails them forever. ``after=True`` handles the request first (the commit
+        or tag is made) and then fails, as when the answer is lost on the way back."""
         with self._lock:
-            self.faults.append(Fault(method.upper(), re.compile(path_regex), status, times))
+            self.faults.append(Fault(method.upper(), re.compile(path_regex), status, times, after))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -268,20 +272,15 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = split.path, parse_qs(split.query)
         body = self._read_body() if method in ("POST", "PUT", "DELETE") else b""
         fault = self._take_fault(method, path)
-        if fault is not None:
-            self._log(method, path, fault.status)
-            if fault.status == "drop":
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                return
-            self._send(int(fault.status), {"error": "injected fault"}, code=None, message="injected fault")
+        if fault is not None and not fault.after:
+            self._inject(method, path, fault)
             return
         try:
             with self.hub._lock:
                 status, payload, headers = self._route(method, path, query, body)
+            if fault is not None:
+                self._inject(method, path, fault)
+                return
         except HubError as exc:
             self._log(method, path, exc.status)
             self._send(exc.status, {"error": exc.message}, code=exc.code, message=exc.message, headers=exc.headers)
@@ -292,6 +291,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         self._log(method, path, status)
         self._send(status, payload, headers=headers, head=method == "HEAD")
+
+    def _inject(self, method: str, path: str, fault: Fault) -> None:
+        self._log(method, path, fault.status)
+        if fault.status == "drop":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self._send(int(fault.status), {"error": "injected fault"}, message="injected fault")
 
     def _log(self, method: str, path: str, status: int | str) -> None:
         with self.hub._lock:

@@ -1,0 +1,91 @@
+"""``hf-fedlora push DIR REPO``: publish an adapter folder (or a federation round) to the Hub.
+
+    hf-fedlora push out/round-0003 user/fed-sst2 --round 3      # one commit + tag round-0003
+    hf-fedlora push global user/my-adapter --tag v1 --private
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("hf_fedlora.hub")
+
+
+def add_push_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``push`` subcommand on the ``hf-fedlora`` parser."""
+    p = sub.add_parser(
+        "push",
+        help="upload an adapter folder or a federation round to the Hugging Face Hub",
+        description="Upload a PEFT adapter folder to a Hub repo in one commit with a model card. With --round N "
+        "the commit is tagged round-NNNN and skipped if that tag exists already (safe to rerun).",
+    )
+    p.add_argument("directory", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("repo_id", help="Hub repo, user/name (created if missing)")
+    p.add_argument("--round", type=int, dest="round_index", help="federation round: tag round-NNNN, skip if already pushed")
+    p.add_argument("--tag", help="tag the commit (without --round); must not exist yet")
+    p.add_argument("--message", help="commit message (without --round)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the logged-in token); never printed")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--card-info", help="JSON object of model card facts (base_model, strategy, num_clients, ...)")
+    p.add_argument("--metrics", help="metrics.jsonl with one JSON object per round, for the model card's table")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on connection errors and 5xx (default: 5)")
+    p.set_defaults(handler=run_push)
+    return p
+
+
+def _read_metrics(path: str | None) -> list[dict] | None:
+    if not path:
+        return None
+    from ..errors import AdapterError
+
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise AdapterError(f"--metrics '{path}', line {number}: not JSON ({exc.msg}).") from exc
+    return rows
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Handler of ``hf-fedlora push``; returns the exit status (0 pushed or already there)."""
+    from ..adapters import LoraAdapter
+    from ..errors import AdapterError
+    from .push import push_adapter, push_round, round_tag
+
+    if not os.path.isdir(args.directory):
+        raise AdapterError(f"'{args.directory}' is not a folder; pass the adapter folder to push.")
+    card_info = None
+    if args.card_info:
+        try:
+            card_info = json.loads(args.card_info)
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"--card-info is not a JSON object ({exc.msg}).") from exc
+    if args.round_index is not None:
+        sha = push_round(
+            args.directory, args.repo_id, args.round_index, token=args.token, private=args.private,
+            endpoint=args.endpoint, card_info=card_info, metrics_history=_read_metrics(args.metrics),
+            max_retries=args.max_retries,
+        )
+        tag = round_tag(args.round_index)
+        if sha is None:
+            print(f"{args.repo_id}: {tag} is already on the Hub; nothing pushed")
+        else:
+            print(f"pushed {args.directory} to {args.repo_id}: commit {sha[:7]}, tag {tag}")
+        return 0
+    adapter = LoraAdapter.from_pretrained(args.directory)
+    sha = push_adapter(
+        adapter, args.repo_id, revision_tag=args.tag, commit_message=args.message, private=args.private,
+        token=args.token, endpoint=args.endpoint, max_retries=args.max_retries,
+    )
+    print(f"pushed {args.directory} to {args.repo_id}: commit {sha[:7]}" + (f", tag {args.tag}" if args.tag else ""))
+    return 0
+
+
+__all__ = ["add_push_parser", "run_push"]

@@ -1,0 +1,267 @@
+"""Push adapters and federation rounds to the Hub: one commit per round, then a ``round-NNNN`` tag.
+
+A push only reads the local files, so a failed push never loses a round's output; transient
+failures are retried with backoff, and a round whose tag already exists is skipped, so a run
+resumed after a crash never pushes a round twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .. import __version__
+from ..adapters import LoraAdapter
+from ..constants import MODEL_CARD_NAME, ROUND_TAG_FORMAT
+from ._retry import RetryError, describe, status_of, with_retries
+from .errors import HubPushError, redact
+from .model_card import build_model_card
+
+logger = logging.getLogger("hf_fedlora.hub")
+
+
+def round_tag(round_index: int) -> str:
+    """The Hub tag of a federation round: ``round_tag(3) == "round-0003"``."""
+    if not isinstance(round_index, int) or isinstance(round_index, bool) or round_index < 0:
+        raise HubPushError(f"`round_index` must be a non-negative integer, got {round_index!r}.")
+    return ROUND_TAG_FORMAT.format(round_index)
+
+
+def _api(endpoint: str | None, token: str | bool | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token, library_name="hf-fedlora", library_version=__version__)
+
+
+def existing_tag(api: Any, repo_id: str, tag: str, *, max_retries: int, token: object = None) -> str | None:
+    """The commit ``tag`` points to on ``repo_id``, or ``None`` (also when the repo does not exist)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def refs():
+        try:
+            return api.list_repo_refs(repo_id)
+        except RepositoryNotFoundError:
+            return None
+
+    found = with_retries(refs, "listing tags", max_retries=max_retries, token=token)
+    if found is None:
+        return None
+    return next((t.target_commit for t in found.tags if t.name == tag), None)
+
+
+def _collect_files(folder: Path) -> dict[str, Path]:
+    """Files to upload from ``folder``: every regular file, recursively, except hidden ones
+    (temporary files of atomic saves) and a ``README.md`` (replaced by the generated card)."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.as_posix() == MODEL_CARD_NAME:
+            continue
+        files[rel.as_posix()] = path
+    return files
+
+
+def _failure(what: str, repo_id: str, error: RetryError, token: object, local: Path | None) -> HubPushError:
+    status = status_of(error.last)
+    if status in (401, 403):
+        fix = f"Check that your token has write access to '{repo_id.split('/')[0]}' (`huggingface-cli login` or HF_TOKEN)."
+    elif status == 404:
+        fix = "Check the repo id and the endpoint (HF_ENDPOINT)."
+    else:
+        fix = "Check your connection and the Hub's status, then rerun the push."
+    attempts = f"after {error.attempts} attempts" if error.attempts > 1 else "at once (not a transient error)"
+    message = f"pushing {what} to '{repo_id}' failed {attempts} ({error.what}: {describe(error.last, token)}). {fix}"
+    if local is not None:
+        message += f" The local output in '{local}' is intact; rerun to push it (rounds whose tag already exists are skipped)."
+    return HubPushError(redact(message, token))
+
+
+def _push_files(
+    repo_id: str,
+    files: Mapping[str, Path | bytes],
+    *,
+    tag: str | None,
+    commit_message: str,
+    private: bool | None,
+    token: str | bool | None,
+    endpoint: str | None,
+    max_retries: int,
+    what: str,
+    local: Path | None,
+    skip_if_tagged: bool,
+) -> str | None:
+    """Create the repo if needed, commit ``files`` in one commit, tag it. See :func:`push_round`."""
+    from huggingface_hub import CommitOperationAdd
+
+    api = _api(endpoint, token)
+    try:
+        if tag is not None:
+            tagged = existing_tag(api, repo_id, tag, max_retries=max_retries, token=token)
+            if tagged is not None:
+                if skip_if_tagged:
+                    logger.info("%s is already on '%s' (tag %s, commit %s); not pushing it again", what, repo_id, tag, tagged[:7])
+                    return None
+                raise HubPushError(
+                    f"tag '{tag}' already exists on '{repo_id}' (commit {tagged[:7]}); choose another `revision_tag` "
+                    "or delete the tag first."
+                )
+        with_retries(
+            lambda: api.create_repo(repo_id, private=private, exist_ok=True),
+            "creating the repo",
+            max_retries=max_retries,
+            token=token,
+        )
+
+        def commit() -> str:
+            # fresh operations each attempt: the client marks them as used once committed
+            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c)) for p, c in files.items()]
+            info = api.create_commit(
+                repo_id, ops, commit_message=commit_message, commit_description=f"Pushed by hf-fedlora {__version__}."
+            )
+            return info.oid
+
+        sha = with_retries(commit, "commit", max_retries=max_retries, token=token)
+        if tag is not None:
+            _create_tag(api, repo_id, tag, sha, max_retries=max_retries, token=token)
+    except RetryError as error:
+        raise _failure(what, repo_id, error, token, local) from error.last
+    logger.info("pushed %s to '%s': commit %s%s", what, repo_id, sha[:7], f", tag {tag}" if tag else "")
+    return sha
+
+
+def _create_tag(api: Any, repo_id: str, tag: str, sha: str, *, max_retries: int, token: object) -> None:
+    def create() -> None:
+        try:
+            api.create_tag(repo_id, tag=tag, revision=sha)
+        except Exception as exc:  # a retried request whose first try went through answers 409
+            if status_of(exc) != 409:
+                raise
+            target = existing_tag(api, repo_id, tag, max_retries=max_retries, token=token)
+            if target != sha:
+                raise HubPushError(
+                    f"tag '{tag}' on '{repo_id}' already points to commit {str(target)[:7]}, not to the commit just "
+                    f"pushed ({sha[:7]}). Another run is pushing to this repo; delete the tag or use another repo."
+                ) from None
+
+    with_retries(create, f"tagging {tag}", max_retries=max_retries, token=token)
+
+
+def push_adapter(
+    adapter: LoraAdapter,
+    repo_id: str,
+    *,
+    revision_tag: str | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    model_card: str | None = None,
+    endpoint: str | None = None,
+    max_retries: int = 5,
+) -> str:
+    """Upload an adapter to a Hub repo in one commit (adapter files, provenance, model card).
+
+    ``LoraAdapter.push_to_hub(repo_id, **kwargs)`` calls this. The result loads with
+    ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
+
+    Args:
+        adapter: the adapter to upload (saved to a temporary folder first, as PEFT files).
+        repo_id: ``"user/name"``; created if missing.
+        revision_tag: tag the commit (e.g. ``"round-0003"``); it must not exist yet.
+        commit_message: default ``"Upload LoRA adapter"``.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: Hub token (default: the logged-in one or ``HF_TOKEN``); never logged.
+        model_card: ``README.md`` text; default: a card generated from the config and provenance.
+        endpoint: Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
+        max_retries: retries for connection errors, timeouts and 408/429/5xx answers.
+
+    Returns:
+        The commit sha.
+
+    Raises:
+        HubPushError: the push failed (the message says which step and why), or ``revision_tag``
+            already exists.
+    """
+    with tempfile.TemporaryDirectory(prefix="hf-fedlora-push-") as tmp:
+        folder = adapter.save_pretrained(Path(tmp) / "adapter")
+        files: dict[str, Path | bytes] = dict(_collect_files(folder))
+        card = model_card if model_card is not None else build_model_card(
+            repo_id, config=adapter.config, provenance=adapter.provenance
+        )
+        files[MODEL_CARD_NAME] = card.encode("utf-8")
+        message = commit_message or ("Upload LoRA adapter" + (f" ({revision_tag})" if revision_tag else ""))
+        sha = _push_files(
+            repo_id, files, tag=revision_tag, commit_message=message, private=private, token=token, endpoint=endpoint,
+            max_retries=max_retries, what=f"adapter {adapter.label!r}", local=None, skip_if_tagged=False,
+        )
+    assert sha is not None
+    return sha
+
+
+def push_round(
+    round_dir: str | os.PathLike,
+    repo_id: str,
+    round_index: int,
+    *,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    endpoint: str | None = None,
+    card_info: Mapping[str, Any] | None = None,
+    metrics_history: Sequence[Mapping[str, Any]] | None = None,
+    max_retries: int = 5,
+) -> str | None:
+    """Push one federation round: the folder's files and a generated ``README.md`` in ONE commit,
+    then the tag ``round-NNNN`` on that commit.
+
+    If the tag already exists the round is skipped (logged, ``None`` returned): a resumed run
+    never pushes a round twice. If a previous attempt committed but crashed before tagging, the
+    retry finds every file unchanged, makes no new commit and tags the existing one.
+
+    Args:
+        round_dir: the round's PEFT adapter folder (``adapter_config.json``,
+            ``adapter_model.safetensors``, ``fedlora_provenance.json``, other files); hidden
+            files are not uploaded. It is only read.
+        repo_id: ``"user/name"``; created if missing.
+        round_index: the round number; the tag is ``round_tag(round_index)``.
+        token: Hub token (default: the logged-in one or ``HF_TOKEN``); never logged.
+        private: create the repo private (an existing repo keeps its visibility).
+        endpoint: Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
+        card_info: facts for the model card (``base_model``, ``strategy``, ``num_clients``,
+            ``clients_per_round``, ``rank_distribution``, ``task``, ``dataset``); the adapter's
+            config and provenance fill in what is missing.
+        metrics_history: one dict per round so far, e.g. ``{"round": 1, "eval_accuracy": 0.8}``.
+        max_retries: retries for connection errors, timeouts and 408/429/5xx answers.
+
+    Returns:
+        The commit sha, or ``None`` when the round was already tagged.
+
+    Raises:
+        AdapterNotFoundError, AdapterFormatError: ``round_dir`` is not a PEFT adapter folder.
+        HubPushError: the push failed; the message names the step, the cause and the local folder.
+    """
+    tag = round_tag(round_index)
+    folder = Path(round_dir)
+    adapter = LoraAdapter.from_pretrained(folder, label=f"round {round_index} ('{folder}')")  # validates the folder
+    files: dict[str, Path | bytes] = dict(_collect_files(folder))
+    card = build_model_card(
+        repo_id,
+        round_index=round_index,
+        config=adapter.config,
+        provenance=adapter.provenance,
+        card_info=card_info,
+        metrics_history=metrics_history,
+    )
+    files[MODEL_CARD_NAME] = card.encode("utf-8")
+    strategy = (card_info or {}).get("strategy") or adapter.provenance.get("strategy")
+    message = f"Round {round_index}: global adapter" + (f" ({strategy})" if strategy else "")
+    return _push_files(
+        repo_id, files, tag=tag, commit_message=message, private=private, token=token, endpoint=endpoint,
+        max_retries=max_retries, what=f"round {round_index} ('{folder}')", local=folder, skip_if_tagged=True,
+    )
+
+
+__all__ = ["HubPushError", "existing_tag", "push_adapter", "push_round", "round_tag"]
