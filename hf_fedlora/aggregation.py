@@ -21,7 +21,8 @@ AdapterSource = Union[str, os.PathLike, LoraAdapter, Any]
 or a ``peft.PeftModel`` (its active adapter)."""
 
 
-def _describe(source: AdapterSource) -> str:
+def describe_source(source: AdapterSource) -> str:
+    """How errors and provenance name a source: its path, repo id, label or type."""
     if isinstance(source, LoraAdapter):
         return source.label
     if isinstance(source, (str, os.PathLike)):
@@ -150,13 +151,13 @@ def aggregate_adapters(
     if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1):
         raise AdapterError(f"`target_rank` must be a positive integer, got {target_rank!r}.")
     load = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
-    adapters = [resolve_adapter(s, f"client {i} ({_describe(s)})", **load) for i, s in enumerate(sources)]
+    adapters = [resolve_adapter(s, f"client {i} ({describe_source(s)})", **load) for i, s in enumerate(sources)]
     check_compatible(adapters, check_base_model=check_base_model)
     _check_ranks(adapters, strategy)
     p = resolve_weights(adapters, weights, num_examples)
     prior = None
     if previous is not None:
-        prior = resolve_adapter(previous, f"previous global adapter ({_describe(previous)})", **load)
+        prior = resolve_adapter(previous, f"previous global adapter ({describe_source(previous)})", **load)
         check_compatible([adapters[0], prior], check_base_model=check_base_model)
 
     out_dtype = _output_dtype(adapters, dtype)
@@ -189,7 +190,7 @@ def aggregate_adapters(
         "num_examples": sum(counts) if all(c is not None for c in counts) else None,
         "clients": [
             {
-                "source": _describe(source),
+                "source": describe_source(source),
                 "ranks": sorted(set(a.ranks.values())),
                 "weight": float(w),
                 "num_examples": c,
@@ -197,7 +198,7 @@ def aggregate_adapters(
             }
             for source, a, w, c in zip(sources, adapters, p, counts)
         ],
-        "previous": _describe(previous) if previous is not None else None,
+        "previous": describe_source(previous) if previous is not None else None,
         "hf_fedlora_version": __version__,
     }
     config = unit_scale_config(adapters[0].config, ranks)

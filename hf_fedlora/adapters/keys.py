@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 from ..constants import LORA_A_SUFFIX, LORA_B_SUFFIX, PEFT_PREFIX
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
 _UNSUPPORTED_MARKERS = {
     "lora_magnitude_vector": "DoRA (`use_dora=True`)",
     "lora_embedding_A": "LoRA on embedding layers",
@@ -65,6 +67,11 @@ def split_keys(keys: Iterable[str], modules_to_save: Sequence[str] | None, where
     """
     a_modules, b_modules, extras, unknown = set(), set(), [], []
     for key in keys:
+        if not _SAFE_KEY.match(key):
+            raise AdapterFormatError(
+                f"{where}: tensor name {key!r} is not a dotted module path (only letters, digits, '_', '-' "
+                "between single dots). Such names are refused so that no name can act as a file path."
+            )
         for marker, what in _UNSUPPORTED_MARKERS.items():
             if marker in key:
                 raise UnsupportedAdapterError(

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
-from ..errors import AdapterNotFoundError
+from ..errors import AdapterFormatError, AdapterNotFoundError
 
 _REPO_ID = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
 
@@ -53,6 +53,7 @@ def resolve_source(
     """
     text = os.fspath(source)
     if os.path.isdir(text):
+        check_files_stay_inside(Path(text), where or text)
         return Path(text), where or text
     if os.path.exists(text):
         raise AdapterNotFoundError(
@@ -92,3 +93,19 @@ def _download(repo_id: str, revision: str | None, *, token, cache_dir, allow_pic
             "Check the repo id, your connection and `HF_ENDPOINT`."
         ) from exc
     return Path(folder)
+
+
+def check_files_stay_inside(folder: Path, label: str) -> None:
+    """Refuse adapter files that are symlinks leading out of a client's folder.
+
+    A client controls its folder's contents; a link such as ``adapter_config.json -> /etc/...``
+    would make the server read (and hash, and log) files the client should not reach.
+    """
+    root = folder.resolve()
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, ADAPTER_PICKLE_NAME, PROVENANCE_NAME):
+        path = folder / name
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise AdapterFormatError(
+                f"{label}, file '{name}': is a symlink to '{os.readlink(path)}', outside the adapter folder. "
+                "Copy the file into the folder instead of linking it."
+            )
