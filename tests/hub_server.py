@@ -403,7 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = {"url": f"{self.hub.url}/{repo_id}", "name": repo_id}
         if repo_id in self.hub.repos:
             return 409, {**url, "error": "You already created this model repo"}, None
-        repo = Repo(repo_id, bool(data.get("private")))
+        repo = Repo(repo_id, bool(data.get("private")) or data.get("visibility") == "private")
         files = {".gitattributes": self.hub._store_blob(GITATTRIBUTES)}
         repo.branches["main"] = self.hub._new_commit(repo, None, files, "initial commit", "")
         self.hub.repos[repo_id] = repo
@@ -573,6 +573,12 @@ def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> LocalHub:
     monkeypatch.setattr(constants, "ENDPOINT", local_hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", local_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", local_hub.url)
+    # conftest's HF_HOME/HF_HUB_CACHE env vars come after huggingface_hub read them at import
+    cache = local_hub.root / "client_cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HOME", str(local_hub.root / "client_home"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(local_hub.root / "client_home" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(local_hub.root / "client_home" / "stored_tokens"))
     return local_hub
 
 

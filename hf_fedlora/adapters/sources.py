@@ -102,6 +102,9 @@ def check_files_stay_inside(folder: Path, label: str) -> None:
     would make the server read (and hash, and log) files the client should not reach.
     """
     root = folder.resolve()
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        # a huggingface_hub cache snapshot (snapshot_download's result): its files link to ../../blobs
+        root = root.parent.parent
     for name in (ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, ADAPTER_PICKLE_NAME, PROVENANCE_NAME):
         path = folder / name
         if path.is_symlink() and not path.resolve().is_relative_to(root):
