@@ -1,0 +1,68 @@
+"""End-of-run outputs for people: a summary table and a metric plot (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def summary_table(records: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width text table: one row per round with the metrics, loss, traffic and timings."""
+    if not records:
+        return "(no complete rounds)"
+    metric_names = [k for k in records[-1].get("eval", {}) if k != "score"]
+    head = ["round", *metric_names, "mean loss", "ranks", "MB sent", "train s", "agg s", "eval s"]
+    rows = []
+    for r in records:
+        clients = r.get("clients", [])
+        mean_loss = sum(c["loss"] for c in clients) / max(1, len(clients))
+        ranks = ",".join(str(c["rank"]) for c in clients)
+        rows.append(
+            [
+                str(r["round"]),
+                *(f"{r['eval'].get(m, float('nan')):.4f}" for m in metric_names),
+                f"{mean_loss:.4f}",
+                ranks,
+                f"{r['cumulative_bytes'] / 1e6:.2f}",
+                f"{r['seconds']['train']:.1f}",
+                f"{r['seconds']['aggregate']:.2f}",
+                f"{r['seconds']['eval']:.1f}",
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def plot_history(records: Sequence[dict[str, Any]], path: str | os.PathLike, metric: str = "score") -> Path | None:
+    """Save a PNG with the eval metric against round and against cumulative megabytes communicated.
+
+    Returns:
+        The file written, or ``None`` when there is nothing to plot.
+    """
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    values = [r["eval"][metric] for r in records]
+    megabytes = [r["cumulative_bytes"] / 1e6 for r in records]
+    label = records[-1].get("eval_metric", metric)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    left.plot(rounds, values, marker="o")
+    left.set(xlabel="round", ylabel=label, title=f"{label} by round")
+    right.plot(megabytes, values, marker="o", color="tab:orange")
+    right.set(xlabel="cumulative MB communicated (up + down)", ylabel=label, title=f"{label} by traffic")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_history", "summary_table"]

@@ -1,0 +1,131 @@
+"""Resumable run state: what a killed federation needs to continue exactly where it stopped.
+
+A round is *complete* once its global adapter folder, its JSONL line and ``state.json`` are all
+written, in that order. ``state.json`` is replaced atomically, so it always names a complete round;
+on resume, JSONL lines of later (incomplete) rounds are dropped and the round is redone. Because
+every client's training is seeded from ``(seed, round, client)`` and the previous global adapter
+is read back from disk, the resumed run ends with the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..constants import ROUND_TAG_FORMAT
+
+STATE_NAME = "state.json"
+METRICS_NAME = "metrics.jsonl"
+EXCHANGE_DIR = "_exchange"
+
+
+def round_dir(output_dir: str | os.PathLike, round_index: int) -> Path:
+    """``output_dir/round-NNNN``: the global adapter after ``round_index`` (0: the initial one)."""
+    return Path(output_dir) / ROUND_TAG_FORMAT.format(round_index)
+
+
+@dataclass
+class RunState:
+    """Everything besides the adapters that the next round depends on.
+
+    Attributes:
+        completed_round (`int`): last complete round (0: only the initial adapter exists).
+        ranks (`list[int]`): current rank of every client id.
+        scores (`dict[str, float]`): quality scores collected for the rank upgrade, by client id.
+        cumulative_bytes (`int`): bytes sent up and down so far.
+        fingerprint (`dict`): the options that must not change on resume.
+    """
+
+    completed_round: int = 0
+    ranks: list[int] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    cumulative_bytes: int = 0
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, output_dir: str | os.PathLike) -> None:
+        """Write ``state.json`` atomically (temp file + ``os.replace``)."""
+        _atomic_write_text(Path(output_dir) / STATE_NAME, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, output_dir: str | os.PathLike) -> "RunState | None":
+        """The saved state, or ``None`` when ``output_dir`` has none."""
+        path = Path(output_dir) / STATE_NAME
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def check_resumable(self, fingerprint: dict[str, Any], output_dir: str | os.PathLike) -> None:
+        """Refuse to resume with options that would change the result.
+
+        Raises:
+            ValueError: listing each option whose value differs from the saved run's.
+        """
+        changed = {k: (self.fingerprint.get(k), v) for k, v in fingerprint.items() if self.fingerprint.get(k) != v}
+        if changed:
+            detail = ", ".join(f"`{k}`: saved {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise ValueError(
+                f"cannot resume the run in '{output_dir}' with different options ({detail}); use the saved options "
+                "or a new `output_dir`."
+            )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_record(output_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one round's record as a JSON line to ``metrics.jsonl``."""
+    with open(Path(output_dir) / METRICS_NAME, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_records(output_dir: str | os.PathLike, up_to_round: int | None = None) -> list[dict[str, Any]]:
+    """The JSONL records (optionally only rounds <= ``up_to_round``); a torn last line is skipped."""
+    path = Path(output_dir) / METRICS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if up_to_round is None or record.get("round", 0) <= up_to_round:
+            records.append(record)
+    return records
+
+
+def truncate_records(output_dir: str | os.PathLike, up_to_round: int) -> list[dict[str, Any]]:
+    """Rewrite ``metrics.jsonl`` keeping only complete rounds; returns the kept records."""
+    records = read_records(output_dir, up_to_round)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    _atomic_write_text(Path(output_dir) / METRICS_NAME, text)
+    return records
+
+
+__all__ = [
+    "EXCHANGE_DIR",
+    "METRICS_NAME",
+    "STATE_NAME",
+    "RunState",
+    "append_record",
+    "read_records",
+    "round_dir",
+    "truncate_records",
+]
