@@ -45,9 +45,13 @@ def status_of(exc: BaseException) -> int | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: network errors, timeouts and 408/429/5xx answers."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     status = status_of(exc)
     if status is not None:
         return status in RETRY_STATUS_CODES
+    if isinstance(exc, OfflineModeIsEnabled):  # a ConnectionError, but waiting will not help
+        return False
     return isinstance(exc, _network_errors())
 
 

@@ -67,8 +67,12 @@ def _collect_files(folder: Path) -> dict[str, Path]:
 
 
 def _failure(what: str, repo_id: str, error: RetryError, token: object, local: Path | None) -> HubPushError:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     status = status_of(error.last)
-    if status in (401, 403):
+    if isinstance(error.last, OfflineModeIsEnabled):
+        fix = "Unset HF_HUB_OFFLINE (or set it to 0) to push."
+    elif status in (401, 403):
         fix = f"Check that your token has write access to '{repo_id.split('/')[0]}' (`huggingface-cli login` or HF_TOKEN)."
     elif status == 404:
         fix = "Check the repo id and the endpoint (HF_ENDPOINT)."
