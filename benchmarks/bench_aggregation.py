@@ -80,12 +80,12 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset("smoke", layers=2, hidden=256, clients=(3,), ranks=(4, 8, 16), equal_rank=8, repeats=2,
+    "smoke": Preset("smoke", layers=2, hidden=256, clients=(3,), ranks=(4, 8, 16), equal_rank=8, repeats=1,
                     max_seconds=5, peft_modules={"svd": 1, "cat": 2}, isolation="inprocess"),
     "quick": Preset("quick", layers=2, hidden=4096, clients=(5, 20), repeats=3, max_seconds=30,
                     peft_modules={"svd": 1, "cat": 4}),
-    "full": Preset("full", layers=32, hidden=4096, clients=(10, 50), repeats=3, max_seconds=90,
-                   peft_modules={"svd": 2, "cat": 8}),
+    "full": Preset("full", layers=32, hidden=4096, clients=(10, 50), repeats=2, max_seconds=45,
+                   peft_modules={"svd": 1, "cat": 4}),
 }
 
 
@@ -117,16 +117,17 @@ def write_client(folder: Path, preset: Preset, rank: int, seed: int) -> None:
     os.replace(tmp, folder)
 
 
-def ensure_inputs(root: Path, preset: Preset, kind: str, count: int) -> list[str]:
-    """Client folders ``0..count-1`` of a set, generated only where missing (cached between runs)."""
-    base = root / preset.signature / kind
-    dirs = []
-    for k in range(count):
-        folder = base / f"client_{k:03d}"
+def input_dirs(root: Path, preset: Preset, kind: str, count: int) -> list[str]:
+    """Client folders ``0..count-1`` of a set (``kind`` is ``mixed`` or ``equal``)."""
+    return [str(root / preset.signature / kind / f"client_{k:03d}") for k in range(count)]
+
+
+def ensure_inputs(preset: Preset, dirs: list[str]) -> None:
+    """Write the client folders that are missing (inputs are cached between runs)."""
+    for folder in map(Path, dirs):
         if not (folder / "adapter_model.safetensors").is_file():
+            k, kind = int(folder.name.split("_")[1]), folder.parent.name
             write_client(folder, preset, client_rank(preset, kind, k), seed=k + (10_000 if kind == "equal" else 0))
-        dirs.append(str(folder))
-    return dirs
 
 
 def _tensor_bytes(dirs: list[str]) -> int:
@@ -342,8 +343,8 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
               "layers": preset.layers, "num_modules": preset.num_modules}
     cases = []
     for n in preset.clients:
-        mixed = ensure_inputs(root, preset, "mixed", n)
-        equal = ensure_inputs(root, preset, "equal", n) if "fedavg" in strategies else None
+        mixed = input_dirs(root, preset, "mixed", n)
+        equal = input_dirs(root, preset, "equal", n) if "fedavg" in strategies else None
         cases.append({**common, "kind": "io_floor", "set": "mixed", "n": n, "dirs": mixed})
         if equal:
             cases.append({**common, "kind": "io_floor", "set": "equal", "n": n, "dirs": equal})
@@ -378,6 +379,8 @@ def summarize_run(preset: Preset, results: dict[str, dict]) -> dict:
             if res["status"] != "ok":
                 row["reason"] = res["reason"]
                 rows.append(row)
+                continue
+            if not floors[dataset]:
                 continue
             floor = floors[dataset]["read"]
             row.update({
@@ -494,8 +497,9 @@ def render_markdown(report: dict) -> str:
             continue
         p = run["preset"]
         s = run["summary"]
+        done = "" if run.get("complete", True) else f" **PARTIAL: {run['cases_done']} cases measured so far.**"
         out += [f"## Preset `{name}`", "",
-                f"Command: `{run['command']}` ({run['finished']}, {run['elapsed_s']:.0f} s in all).", "",
+                f"Command: `{run['command']}` ({run['finished']}, {run['elapsed_s']:.0f} s in all).{done}", "",
                 f"Inputs: {p['layers']} layers x {{q,k,v,o}}_proj of {p['hidden']}x{p['hidden']}, client k has rank "
                 f"{p['ranks']}[k mod {len(p['ranks'])}] and `lora_alpha = 2r`, bf16 safetensors written in PEFT's format; "
                 f"{p['clients']} clients, uniform weights. `fedavg` also runs on an equal-rank set (every client r={p['equal_rank']}).",
@@ -622,39 +626,54 @@ def main(argv: list[str] | None = None) -> dict:
     root = (args.data_dir or roomiest_temp_dir()) / "hf_fedlora_bench_aggregation"
     partial = root / preset.signature / f"partial_{preset.name}.json"
     started = time.time()
-    print(f"[bench] inputs under {root} (generating what is missing)", flush=True)
+    print(f"[bench] inputs under {root} (generated where missing)", flush=True)
     cases = plan(preset, root, strategies, with_peft=not args.no_peft)
     done = json.loads(partial.read_text()) if args.resume and partial.is_file() else {}
-    for spec in cases:
+    command = "python benchmarks/bench_aggregation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    run: dict = {}
+    for i, spec in enumerate(cases):
         key = case_key(spec)
         if key in done:
             print(f"[bench] {key}: cached", flush=True)
             continue
+        ensure_inputs(preset, spec["dirs"])
         t0 = time.perf_counter()
         done[key] = run_case(spec, preset.isolation)
         print(f"[bench] {key}: {time.perf_counter() - t0:.1f} s", flush=True)
         write_json(partial, done)
+        if preset.name == "full":  # long runs publish what they have after every case
+            run = write_report(args.out, preset, done, strategies, command, started, len(cases))
+    run = write_report(args.out, preset, done, strategies, command, started, len(cases))
+    if not args.keep:
+        shutil.rmtree(root / preset.signature, ignore_errors=True)
+    print(f"[bench] wrote {args.out / 'aggregation.json'} and aggregation.md in {time.time() - started:.0f} s", flush=True)
+    return run
+
+
+def write_report(out: Path, preset: Preset, done: dict, strategies: list[str], command: str, started: float,
+                 num_cases: int) -> dict:
+    """Summarise the cases measured so far into ``aggregation.json`` (this preset's section), the
+    markdown page and the plots."""
     run = {
         "preset": dataclasses.asdict(preset),
-        "command": "python benchmarks/bench_aggregation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "elapsed_s": time.time() - started,
+        "complete": len(done) >= num_cases,
+        "cases_done": f"{len(done)}/{num_cases}",
         "machine": machine_info(),
         "notes": NOTES,
         "strategies": strategies,
         "cases": done,
     }
     run["summary"] = summarize_run(preset, done)
-    args.out.mkdir(parents=True, exist_ok=True)
-    run["plots"] = plot(preset, run, args.out)
-    json_path = args.out / "aggregation.json"
+    out.mkdir(parents=True, exist_ok=True)
+    run["plots"] = plot(preset, run, out)
+    json_path = out / "aggregation.json"
     report = json.loads(json_path.read_text()) if json_path.is_file() else {}
     report.setdefault("presets", {})[preset.name] = run
     write_json(json_path, report)
-    (args.out / "aggregation.md").write_text(render_markdown(report), encoding="utf-8")
-    if not args.keep:
-        shutil.rmtree(root / preset.signature, ignore_errors=True)
-    print(f"[bench] wrote {json_path} and aggregation.md in {time.time() - started:.0f} s", flush=True)
+    (out / "aggregation.md").write_text(render_markdown(report), encoding="utf-8")
     return run
 
 

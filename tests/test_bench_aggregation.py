@@ -1,0 +1,73 @@
+"""Smoke test of the aggregation benchmark: the tiny preset runs and writes sane JSON and markdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aggregation.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_aggregation", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("results")
+    data = tmp_path_factory.mktemp("data")
+    _load_bench().main(["--preset", "smoke", "--out", str(out), "--data-dir", str(data)])
+    report = json.loads((out / "aggregation.json").read_text())
+    report["_out"], report["_data"] = str(out), str(data)
+    return report
+
+
+def test_smoke_writes_every_case(smoke_report: dict) -> None:
+    from hf_fedlora import list_strategies
+
+    run = smoke_report["presets"]["smoke"]
+    cases = run["cases"]
+    for name in list_strategies():
+        assert f"strategy/{name}//mixed/3" in cases
+    assert cases["strategy/fedavg//mixed/3"]["status"] == "n/a"
+    assert "equal ranks" in cases["strategy/fedavg//mixed/3"]["reason"]
+    assert cases["strategy/fedavg//equal/3"]["status"] == "ok"
+    for key in ("io_floor///mixed/3", "dense_svd///mixed/3", "peft//svd/mixed/3", "peft//cat/mixed/3"):
+        assert key in cases
+
+
+def test_smoke_values_are_sane(smoke_report: dict) -> None:
+    run = smoke_report["presets"]["smoke"]
+    floor = run["cases"]["io_floor///mixed/3"]
+    assert floor["read"]["min"] > 0 and floor["tensor_bytes"] == 2 * 4 * 2 * 256 * (4 + 8 + 16) * 2
+    rows = [r for r in run["summary"]["rows"] if r["status"] == "ok"]
+    assert {r["strategy"] for r in rows} == set(run["strategies"])
+    for row in rows:
+        assert 0 < row["min_s"] <= row["median_s"]
+        assert row["ratio_floor_min"] > 0 and row["peak_anon_delta"] >= 0 and row["output_bytes"] > 0
+        assert row["tensor_bytes"] > 0
+    stacking = next(r for r in rows if r["strategy"] == "stacking")
+    assert stacking["output_bytes"] == 2 * 4 * 2 * 256 * (4 + 8 + 16) * 2
+    dense = run["cases"]["dense_svd///mixed/3"]
+    assert dense["rel_diff_reconstructions"] < 1e-3
+    assert abs(dense["rel_error_flexlora"] - dense["rel_error_dense"]) < 1e-3
+    peft = run["cases"]["peft//cat/mixed/3"]
+    assert peft["extrapolation_factor"] == 4 and peft["time_extrapolated"]["median"] > 0
+    assert set(run["summary"]["targets"]) >= {"replication_2x_floor_n3", "flexlora_100x_dense_svd_n3"}
+
+
+def test_smoke_renders_markdown_and_plots(smoke_report: dict) -> None:
+    out = Path(smoke_report["_out"])
+    page = (out / "aggregation.md").read_text()
+    assert "## Preset `smoke`" in page and "I/O floor" in page and "EXTRAPOLATED" in page
+    for name in smoke_report["presets"]["smoke"]["plots"]:
+        assert (out / name).stat().st_size > 1000
+    assert not (Path(smoke_report["_data"]) / "hf_fedlora_bench_aggregation" / "L2_h256_r4-8-16_eq8").exists()
