@@ -112,6 +112,7 @@ class LocalHub:
         self.log: list[LoggedRequest] = []
         self.faults: list[Fault] = []
         self.tree_overrides: dict[str, list[dict]] = {}  # repo_id -> extra tree entries (hostile names)
+        self.known_models: set[str] | None = None  # when set, validate-yaml refuses other base_model values
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
@@ -353,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.repos.pop(f"{data.get('organization') or self.hub.namespace}/{data['name']}", None)
             return 200, {}, None
         if method == "POST" and path == "/api/validate-yaml":
-            return 200, {}, None
+            return self._validate_yaml(json.loads(body or b"{}").get("content", ""))
         if method == "GET" and path == "/api/whoami-v2":
             self._check_write()
             return 200, {"type": "user", "name": self.hub.namespace, "orgs": [], "auth": {"accessToken": {"role": "write"}}}, None
@@ -408,6 +409,14 @@ class _Handler(BaseHTTPRequestHandler):
         repo.branches["main"] = self.hub._new_commit(repo, None, files, "initial commit", "")
         self.hub.repos[repo_id] = repo
         return 200, url, None
+
+    def _validate_yaml(self, content: str):
+        match = re.search(r"^base_model:\s*(\S+)\s*$", content.split("\n---", 1)[0], re.M)
+        known = self.hub.known_models
+        if match and known is not None and match[1] not in known:
+            message = f'"base_model" with value "{match[1]}" is not valid. Use a model id from https://hf.co/models.'
+            return 400, {"errors": [{"message": message}], "warnings": []}, None
+        return 200, {"errors": [], "warnings": []}, None
 
     def _preupload(self, repo: Repo, rev: str, data: dict):
         self._check_write()

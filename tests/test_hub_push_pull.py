@@ -167,3 +167,15 @@ def test_missing_round_is_a_clear_error(rounds, hub_env: LocalHub) -> None:
     _push(rounds[1], 1, hub_env)
     with pytest.raises(AdapterNotFoundError, match=r"has no tag 'round-0007'.*list_rounds"):
         pull_round(REPO, 7, endpoint=hub_env.url)
+
+
+def test_card_refused_for_unknown_base_model_is_pushed_without_it(rounds, hub_env: LocalHub, caplog) -> None:
+    hub_env.known_models = {"bert-base-uncased"}  # the real Hub refuses base_model ids it does not host
+    with caplog.at_level("WARNING", logger="hf_fedlora.hub"):
+        sha = _push(rounds[1], 1, hub_env)
+    assert "refused the model card's metadata" in caplog.text
+    text = hub_env.file_bytes(REPO, sha, "README.md").decode()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert "base_model" not in meta and meta["library_name"] == "peft"
+    assert f"`{CARD['base_model']}`" in text  # still named in the description
+    assert hub_env.repos[REPO].tags == {"round-0001": sha}

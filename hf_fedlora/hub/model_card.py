@@ -58,13 +58,13 @@ def metrics_table(history: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _metadata(base_model: str | None, strategy: str | None, dataset: str | None) -> str:
+def _metadata(base_model: str | None, strategy: str | None, dataset: str | None, link: bool) -> str:
     lines = ["---", "library_name: peft"]
-    if base_model and _REPO_ID.match(base_model):  # the Hub rejects local paths here
+    if link and base_model and _REPO_ID.match(base_model):  # the Hub rejects local paths here
         lines.append(f"base_model: {base_model}")
     lines.append("tags:")
     lines += [f"- {t}" for t in (*TAGS, *([strategy] if strategy else []))]
-    if dataset and _REPO_ID.match(dataset):
+    if link and dataset and _REPO_ID.match(dataset):
         lines += ["datasets:", f"- {dataset}"]
     lines.append("---")
     return "\n".join(lines)
@@ -78,6 +78,7 @@ def build_model_card(
     provenance: Mapping[str, Any] | None = None,
     card_info: Mapping[str, Any] | None = None,
     metrics_history: Sequence[Mapping[str, Any]] | None = None,
+    link_hub_repos: bool = True,
 ) -> str:
     """Write the ``README.md`` of a round (or of a single adapter when ``round_index`` is None).
 
@@ -90,6 +91,8 @@ def build_model_card(
             ``num_clients``, ``clients_per_round``, ``rank_distribution`` (str, ``{rank: count}``
             or a list of ranks), ``task``, ``dataset``.
         metrics_history: one dict per round, e.g. ``{"round": 1, "eval_accuracy": 0.8}``.
+        link_hub_repos: put ``base_model`` and ``datasets`` in the metadata. The Hub refuses a card
+            whose ``base_model`` is not a model it hosts; the push then retries without them.
 
     Returns:
         The card text: YAML metadata (``library_name: peft``, ``base_model``, tags ``lora``,
@@ -125,7 +128,7 @@ def build_model_card(
     tag = ROUND_TAG_FORMAT.format(round_index) if round_index is not None else None
     revision = f', revision="{tag}"' if tag else ""
     parts = [
-        _metadata(base_model, strategy, info.get("dataset")),
+        _metadata(base_model, strategy, info.get("dataset"), link_hub_repos),
         "",
         f"# {name}",
         "",

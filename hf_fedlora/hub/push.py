@@ -98,6 +98,7 @@ def _push_files(
     what: str,
     local: Path | None,
     skip_if_tagged: bool,
+    plain_card: bytes | None = None,
 ) -> str | None:
     """Create the repo if needed, commit ``files`` in one commit, tag it. See :func:`push_round`."""
     from huggingface_hub import CommitOperationAdd
@@ -121,12 +122,21 @@ def _push_files(
             token=token,
         )
 
+        contents = dict(files)
+
         def commit() -> str:
             # fresh operations each attempt: the client marks them as used once committed
-            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c)) for p, c in files.items()]
-            info = api.create_commit(
-                repo_id, ops, commit_message=commit_message, commit_description=f"Pushed by hf-fedlora {__version__}."
-            )
+            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c)) for p, c in contents.items()]
+            try:
+                info = api.create_commit(
+                    repo_id, ops, commit_message=commit_message, commit_description=f"Pushed by hf-fedlora {__version__}."
+                )
+            except ValueError as exc:
+                if plain_card is None or "Invalid metadata in README.md" not in str(exc) or contents[MODEL_CARD_NAME] == plain_card:
+                    raise
+                logger.warning("the Hub refused the model card's metadata (%s); pushing it without base_model/datasets", redact(str(exc), token).replace("\n", " "))
+                contents[MODEL_CARD_NAME] = plain_card
+                return commit()
             return info.oid
 
         sha = with_retries(commit, "commit", max_retries=max_retries, token=token)
@@ -193,14 +203,15 @@ def push_adapter(
     with tempfile.TemporaryDirectory(prefix="hf-fedlora-push-") as tmp:
         folder = adapter.save_pretrained(Path(tmp) / "adapter")
         files: dict[str, Path | bytes] = dict(_collect_files(folder))
-        card = model_card if model_card is not None else build_model_card(
-            repo_id, config=adapter.config, provenance=adapter.provenance
-        )
+        card_args = dict(config=adapter.config, provenance=adapter.provenance)
+        card = model_card if model_card is not None else build_model_card(repo_id, **card_args)
         files[MODEL_CARD_NAME] = card.encode("utf-8")
+        plain = None if model_card is not None else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
         message = commit_message or ("Upload LoRA adapter" + (f" ({revision_tag})" if revision_tag else ""))
         sha = _push_files(
             repo_id, files, tag=revision_tag, commit_message=message, private=private, token=token, endpoint=endpoint,
             max_retries=max_retries, what=f"adapter {adapter.label!r}", local=None, skip_if_tagged=False,
+            plain_card=plain,
         )
     assert sha is not None
     return sha
@@ -251,20 +262,21 @@ def push_round(
     folder = Path(round_dir)
     adapter = LoraAdapter.from_pretrained(folder, label=f"round {round_index} ('{folder}')")  # validates the folder
     files: dict[str, Path | bytes] = dict(_collect_files(folder))
-    card = build_model_card(
-        repo_id,
+    card_args = dict(
         round_index=round_index,
         config=adapter.config,
         provenance=adapter.provenance,
         card_info=card_info,
         metrics_history=metrics_history,
     )
-    files[MODEL_CARD_NAME] = card.encode("utf-8")
+    files[MODEL_CARD_NAME] = build_model_card(repo_id, **card_args).encode("utf-8")
+    plain_card = build_model_card(repo_id, link_hub_repos=False, **card_args).encode("utf-8")
     strategy = (card_info or {}).get("strategy") or adapter.provenance.get("strategy")
     message = f"Round {round_index}: global adapter" + (f" ({strategy})" if strategy else "")
     return _push_files(
         repo_id, files, tag=tag, commit_message=message, private=private, token=token, endpoint=endpoint,
         max_retries=max_retries, what=f"round {round_index} ('{folder}')", local=folder, skip_if_tagged=True,
+        plain_card=plain_card,
     )
 
 
