@@ -32,15 +32,18 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 
-GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+GITATTRIBUTES = (
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -125,7 +128,7 @@ class LocalHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "LocalHub":
+    def start(self) -> Self:
         hub = self
 
         class Handler(_Handler):
@@ -134,7 +137,9 @@ class LocalHub:
         Handler.hub = hub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -144,7 +149,7 @@ class LocalHub:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -152,7 +157,13 @@ class LocalHub:
 
     # -- test controls -------------------------------------------------------------------------
     def fail(
-        self, method: str, path_regex: str, *, status: int | str = 500, times: int | None = 1, after: bool = False
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        status: int | str = 500,
+        times: int | None = 1,
+        after: bool = False,
     ) -> None:
         """Make the next ``times`` requests matching ``method`` and ``path_regex`` fail with
         ``status`` (an HTTP code, or ``"drop"``: the connection closes without an answer).
@@ -168,7 +179,9 @@ class LocalHub:
     def requests(self, method: str | None = None, contains: str = "") -> list[LoggedRequest]:
         """Logged requests, filtered by method and a substring of the path."""
         with self._lock:
-            return [r for r in self.log if (method is None or r.method == method.upper()) and contains in r.path]
+            return [
+                r for r in self.log if (method is None or r.method == method.upper()) and contains in r.path
+            ]
 
     def count(self, method: str | None = None, contains: str = "") -> int:
         return len(self.requests(method, contains))
@@ -197,8 +210,12 @@ class LocalHub:
             tmp.replace(path)
         return Entry(git_blob_sha1(data), sha256, len(data))
 
-    def _new_commit(self, repo: Repo, parent: str | None, files: dict[str, Entry], title: str, message: str) -> str:
-        seed = json.dumps([repo.repo_id, parent, sorted((p, e.sha1) for p, e in files.items()), title, next(self._counter)])
+    def _new_commit(
+        self, repo: Repo, parent: str | None, files: dict[str, Entry], title: str, message: str
+    ) -> str:
+        seed = json.dumps(
+            [repo.repo_id, parent, sorted((p, e.sha1) for p, e in files.items()), title, next(self._counter)]
+        )
         sha = hashlib.sha1(seed.encode()).hexdigest()
         date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         repo.commits[sha] = Commit(sha, parent, files, title, message, date)
@@ -206,10 +223,8 @@ class LocalHub:
 
     def _resolve(self, repo: Repo, revision: str) -> str:
         revision = unquote(revision)
-        if revision.startswith("refs/heads/"):
-            revision = revision[len("refs/heads/") :]
-        if revision.startswith("refs/tags/"):
-            revision = revision[len("refs/tags/") :]
+        revision = revision.removeprefix("refs/heads/")
+        revision = revision.removeprefix("refs/tags/")
         if revision in repo.branches:
             return repo.branches[revision]
         if revision in repo.tags:
@@ -284,7 +299,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         except HubError as exc:
             self._log(method, path, exc.status)
-            self._send(exc.status, {"error": exc.message}, code=exc.code, message=exc.message, headers=exc.headers)
+            self._send(
+                exc.status, {"error": exc.message}, code=exc.code, message=exc.message, headers=exc.headers
+            )
             return
         except Exception as exc:  # a bug in the test server: answer 500 and say so
             self._log(method, path, 500)
@@ -357,7 +374,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._validate_yaml(json.loads(body or b"{}").get("content", ""))
         if method == "GET" and path == "/api/whoami-v2":
             self._check_write()
-            return 200, {"type": "user", "name": self.hub.namespace, "orgs": [], "auth": {"accessToken": {"role": "write"}}}, None
+            return (
+                200,
+                {
+                    "type": "user",
+                    "name": self.hub.namespace,
+                    "orgs": [],
+                    "auth": {"accessToken": {"role": "write"}},
+                },
+                None,
+            )
         match = self._RESOLVE.match(path)
         if match and method in ("GET", "HEAD"):
             return self._resolve_file(match["repo"], match["rev"], unquote(match["file"]), method)
@@ -374,7 +400,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._refs(repo)
         if action == "tree" and method == "GET":
             rev, _, sub = rest.partition("/")
-            return self._tree(repo, rev, unquote(sub), query.get("recursive", ["false"])[0].lower() in ("1", "true"))
+            return self._tree(
+                repo, rev, unquote(sub), query.get("recursive", ["false"])[0].lower() in ("1", "true")
+            )
         if action == "paths-info" and method == "POST":
             return self._paths_info(repo, rest, parse_qs(body.decode()).get("paths", []))
         if action == "commits" and method == "GET":
@@ -411,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, url, None
 
     def _validate_yaml(self, content: str):
-        match = re.search(r"^base_model:\s*(\S+)\s*$", content.split("\n---", 1)[0], re.M)
+        match = re.search(r"^base_model:\s*(\S+)\s*$", content.split("\n---", 1)[0], re.MULTILINE)
         known = self.hub.known_models
         if match and known is not None and match[1] not in known:
             message = f'"base_model" with value "{match[1]}" is not valid. Use a model id from https://hf.co/models.'
@@ -425,7 +453,12 @@ class _Handler(BaseHTTPRequestHandler):
         for item in data.get("files", []):
             existing = files.get(item["path"])
             answer.append(
-                {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": existing.sha1 if existing else None}
+                {
+                    "path": item["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": existing.sha1 if existing else None,
+                }
             )
         return 200, {"files": answer, "commitOid": repo.branches.get(unquote(rev))}, None
 
@@ -447,18 +480,24 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "file":
                 if value.get("encoding") != "base64":
                     raise HubError(400, "only base64 file content is supported")
-                files[_check_repo_path(value["path"])] = self.hub._store_blob(base64.b64decode(value["content"]))
+                files[_check_repo_path(value["path"])] = self.hub._store_blob(
+                    base64.b64decode(value["content"])
+                )
             elif key == "deletedFile":
                 files.pop(value["path"], None)
             elif key == "deletedFolder":
                 prefix = value["path"].rstrip("/") + "/"
                 files = {p: e for p, e in files.items() if not p.startswith(prefix)}
             else:
-                raise HubError(400, f"unsupported commit operation {key!r} (this local hub only takes regular files)")
+                raise HubError(
+                    400, f"unsupported commit operation {key!r} (this local hub only takes regular files)"
+                )
         parent = header.get("parentCommit")
         if parent and parent != head:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
-        sha = self.hub._new_commit(repo, head, files, header.get("summary", ""), header.get("description", ""))
+        sha = self.hub._new_commit(
+            repo, head, files, header.get("summary", ""), header.get("description", "")
+        )
         repo.branches[branch] = sha
         prefix = f"{self.hub.url}/{repo.repo_id}"
         return 200, {"commitUrl": f"{prefix}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}, None
@@ -487,7 +526,9 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, info, None
 
     def _refs(self, repo: Repo):
-        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in sorted(repo.branches.items())]
+        branches = [
+            {"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in sorted(repo.branches.items())
+        ]
         tags = [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in sorted(repo.tags.items())]
         return 200, {"branches": branches, "tags": tags, "converts": [], "pullRequests": []}, None
 
@@ -510,7 +551,10 @@ class _Handler(BaseHTTPRequestHandler):
             for i in range(1, len(parts)):
                 dirs.add(prefix + "/".join(parts[:i]))
             out.append(self._entry_json(path, files[path]))
-        out += [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()} for d in sorted(dirs)]
+        out += [
+            {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()}
+            for d in sorted(dirs)
+        ]
         if prefix and not out:
             raise HubError(404, f"{sub} does not exist", "EntryNotFound")
         out += self.hub.tree_overrides.get(repo.repo_id, [])
@@ -524,7 +568,15 @@ class _Handler(BaseHTTPRequestHandler):
         out, sha = [], self.hub._resolve(repo, rev)
         while sha is not None:
             c = repo.commits[sha]
-            out.append({"id": c.sha, "title": c.title, "message": c.message, "authors": [{"user": self.hub.namespace}], "date": c.date})
+            out.append(
+                {
+                    "id": c.sha,
+                    "title": c.title,
+                    "message": c.message,
+                    "authors": [{"user": self.hub.namespace}],
+                    "date": c.date,
+                }
+            )
             sha = c.parent
         return 200, out, None
 
@@ -580,14 +632,18 @@ def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> LocalHub:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", local_hub.url)
     monkeypatch.setattr(constants, "ENDPOINT", local_hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", local_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", local_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", local_hub.url)
     # conftest's HF_HOME/HF_HUB_CACHE env vars come after huggingface_hub read them at import
     cache = local_hub.root / "client_cache"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HOME", str(local_hub.root / "client_home"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(local_hub.root / "client_home" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(local_hub.root / "client_home" / "stored_tokens"))
+    monkeypatch.setattr(
+        constants, "HF_STORED_TOKENS_PATH", str(local_hub.root / "client_home" / "stored_tokens")
+    )
     return local_hub
 
 

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hub_server
 import pytest
 import torch
 import yaml
 from conftest import tiny_bert, write_peft_adapter
-from hub_server import HUB_TOKEN, LocalHub, hub_env, local_hub  # noqa: F401 - fixtures used by name
+from hub_server import HUB_TOKEN, LocalHub
 
 from hf_fedlora import LoraAdapter, aggregate_adapters
 from hf_fedlora.constants import ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
-from hf_fedlora.hub import HubPushError, list_rounds, pull_round, push_adapter, push_round, round_tag
+from hf_fedlora.hub import HubPushError, list_rounds, pull_round, push_round, round_tag
+
+# the local Hub fixtures, registered in this module by name
+local_hub = hub_server.local_hub
+hub_env = hub_server.hub_env
 
 REPO = "user/fed-tiny"
-CARD = {"base_model": "sentence-transformers/all-MiniLM-L6-v2", "num_clients": 2, "clients_per_round": 2, "task": "sst2"}
+CARD = {
+    "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+    "num_clients": 2,
+    "clients_per_round": 2,
+    "task": "sst2",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +54,9 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 
 def _push(round_dir: Path, n: int, hub: LocalHub, **kw):
     history = [{"round": i, "eval_accuracy": 0.5 + i / 10, "eval_loss": 1.0 / i} for i in range(1, n + 1)]
-    return push_round(round_dir, REPO, n, token=HUB_TOKEN, endpoint=hub.url, card_info=CARD, metrics_history=history, **kw)
+    return push_round(
+        round_dir, REPO, n, token=HUB_TOKEN, endpoint=hub.url, card_info=CARD, metrics_history=history, **kw
+    )
 
 
 def test_round_pushed_tagged_and_pulled_back_bit_identical(rounds, hub_env: LocalHub) -> None:
@@ -55,7 +67,11 @@ def test_round_pushed_tagged_and_pulled_back_bit_identical(rounds, hub_env: Loca
     assert len(hub_env.commits(REPO)) == 2  # the repo's initial commit + round 1
     assert hub_env.count("POST", "/commit/") == 1
     assert set(repo.commits[sha].files) == {
-        ".gitattributes", ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME, "README.md"
+        ".gitattributes",
+        ADAPTER_CONFIG_NAME,
+        ADAPTER_SAFETENSORS_NAME,
+        PROVENANCE_NAME,
+        "README.md",
     }
     local = _bytes(rounds[1])
     assert {name: hub_env.file_bytes(REPO, "round-0001", name) for name in local} == local
@@ -96,10 +112,17 @@ def test_two_rounds_give_two_commits_and_two_tags(rounds, hub_env: LocalHub) -> 
     assert hub_env.repos[REPO].tags == {"round-0001": sha1, "round-0002": sha2}
     assert [c.sha for c in hub_env.commits(REPO)][:2] == [sha2, sha1]
     assert len(hub_env.commits(REPO)) == 3
-    assert [c.title for c in hub_env.commits(REPO)][:2] == ["Round 2: global adapter (replication)", "Round 1: global adapter (replication)"]
+    assert [c.title for c in hub_env.commits(REPO)][:2] == [
+        "Round 2: global adapter (replication)",
+        "Round 1: global adapter (replication)",
+    ]
     assert list_rounds(REPO, endpoint=hub_env.url) == [1, 2]
-    assert pull_round(REPO, 1, endpoint=hub_env.url).sha256() == LoraAdapter.from_pretrained(rounds[1]).sha256()
-    assert pull_round(REPO, 2, endpoint=hub_env.url).sha256() == LoraAdapter.from_pretrained(rounds[2]).sha256()
+    assert (
+        pull_round(REPO, 1, endpoint=hub_env.url).sha256() == LoraAdapter.from_pretrained(rounds[1]).sha256()
+    )
+    assert (
+        pull_round(REPO, 2, endpoint=hub_env.url).sha256() == LoraAdapter.from_pretrained(rounds[2]).sha256()
+    )
 
 
 def test_model_card_metadata_federation_metrics_and_loading(rounds, hub_env: LocalHub) -> None:
@@ -129,7 +152,9 @@ def test_aggregate_adapters_from_hub_repo_ids(tmp_path: Path, hub_env: LocalHub)
         "client-b": write_peft_adapter(tmp_path / "b", r=4, lora_alpha=8, seed=2),
     }
     for name, folder in folders.items():
-        sha = LoraAdapter.from_pretrained(folder).push_to_hub(f"user/{name}", token=HUB_TOKEN, endpoint=hub_env.url)
+        sha = LoraAdapter.from_pretrained(folder).push_to_hub(
+            f"user/{name}", token=HUB_TOKEN, endpoint=hub_env.url
+        )
         assert hub_env.repos[f"user/{name}"].branches["main"] == sha
 
     from_hub = aggregate_adapters(["user/client-a@main", "user/client-b@main"], strategy="replication")
@@ -141,7 +166,9 @@ def test_aggregate_adapters_from_hub_repo_ids(tmp_path: Path, hub_env: LocalHub)
 
 def test_push_to_hub_with_revision_tag_and_existing_tag_refused(rounds, hub_env: LocalHub) -> None:
     adapter = LoraAdapter.from_pretrained(rounds[1])
-    sha = adapter.push_to_hub("user/single", revision_tag="v1", token=HUB_TOKEN, endpoint=hub_env.url, private=True)
+    sha = adapter.push_to_hub(
+        "user/single", revision_tag="v1", token=HUB_TOKEN, endpoint=hub_env.url, private=True
+    )
     assert hub_env.repos["user/single"].tags == {"v1": sha} and hub_env.repos["user/single"].private
     with pytest.raises(HubPushError, match="tag 'v1' already exists on 'user/single'"):
         adapter.push_to_hub("user/single", revision_tag="v1", token=HUB_TOKEN, endpoint=hub_env.url)

@@ -8,14 +8,19 @@ import hashlib
 import logging
 from pathlib import Path
 
+import hub_server
 import pytest
 from conftest import write_peft_adapter
-from hub_server import HUB_TOKEN, LocalHub, hub_env, local_hub  # noqa: F401 - fixtures used by name
+from hub_server import HUB_TOKEN, LocalHub
 
 from hf_fedlora import LoraAdapter, aggregate_adapters
 from hf_fedlora.cli import main
 from hf_fedlora.hub import HubPathError, HubPushError, list_rounds, pull_round, push_round, round_tag
 from hf_fedlora.hub.pull import check_repo_path
+
+# the local Hub fixtures, registered in this module by name
+local_hub = hub_server.local_hub
+hub_env = hub_server.hub_env
 
 REPO = "user/fed-tiny"
 
@@ -30,7 +35,8 @@ def rounds(tmp_path: Path) -> dict[int, Path]:
     a = write_peft_adapter(tmp_path / "clients" / "a", r=2, lora_alpha=4, seed=1)
     b = write_peft_adapter(tmp_path / "clients" / "b", r=4, lora_alpha=8, seed=2)
     return {
-        n: aggregate_adapters([a, b], num_examples=[n, 3]).save_pretrained(tmp_path / "run" / round_tag(n)) for n in (1, 2)
+        n: aggregate_adapters([a, b], num_examples=[n, 3]).save_pretrained(tmp_path / "run" / round_tag(n))
+        for n in (1, 2)
     }
 
 
@@ -127,10 +133,24 @@ def test_permanently_failing_hub_leaves_local_output_and_says_so(rounds, hub_env
 
 def test_cli_exits_with_a_clear_message_when_the_hub_is_down(rounds, hub_env: LocalHub, capsys) -> None:
     hub_env.fail("POST", r"/commit/", status=503, times=None)
-    argv = ["push", str(rounds[1]), REPO, "--round", "1", "--endpoint", hub_env.url, "--token", HUB_TOKEN, "--max-retries", "1"]
+    argv = [
+        "push",
+        str(rounds[1]),
+        REPO,
+        "--round",
+        "1",
+        "--endpoint",
+        hub_env.url,
+        "--token",
+        HUB_TOKEN,
+        "--max-retries",
+        "1",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hf-fedlora push: error: pushing round 1") and "HTTP 503" in err and "is intact" in err
+    assert (
+        err.startswith("hf-fedlora push: error: pushing round 1") and "HTTP 503" in err and "is intact" in err
+    )
     assert HUB_TOKEN not in err
     assert (rounds[1] / "adapter_model.safetensors").is_file()
 
@@ -142,7 +162,22 @@ def test_cli_push_round_is_safe_to_rerun(rounds, hub_env: LocalHub, capsys) -> N
     assert main(argv) == 0
     assert "round-0001 is already on the Hub; nothing pushed" in capsys.readouterr().out
     assert _commit_statuses(hub_env) == [200]
-    assert main(["push", str(rounds[2]), "user/plain", "--tag", "v2", "--endpoint", hub_env.url, "--token", HUB_TOKEN]) == 0
+    assert (
+        main(
+            [
+                "push",
+                str(rounds[2]),
+                "user/plain",
+                "--tag",
+                "v2",
+                "--endpoint",
+                hub_env.url,
+                "--token",
+                HUB_TOKEN,
+            ]
+        )
+        == 0
+    )
     assert set(hub_env.repos["user/plain"].tags) == {"v2"}
 
 
@@ -151,7 +186,11 @@ def test_wrong_token_fails_at_once_without_leaking_it(rounds, hub_env: LocalHub,
     with caplog.at_level(logging.DEBUG), pytest.raises(HubPushError) as info:
         _push(rounds[1], 1, hub_env, token=wrong)
     message = str(info.value)
-    assert "at once (not a transient error)" in message and "HTTP 401" in message and "write access to 'user'" in message
+    assert (
+        "at once (not a transient error)" in message
+        and "HTTP 401" in message
+        and "write access to 'user'" in message
+    )
     assert wrong not in message and wrong not in caplog.text
     assert hub_env.count("POST", "/api/repos/create") == 1  # 401 is not retried
 
@@ -159,12 +198,16 @@ def test_wrong_token_fails_at_once_without_leaking_it(rounds, hub_env: LocalHub,
 def test_pull_refuses_file_names_escaping_the_download_folder(rounds, hub_env: LocalHub) -> None:
     _push(rounds[1], 1, hub_env)
     hub_env.tree_overrides[REPO] = [{"type": "file", "path": "../../outside.txt", "size": 1, "oid": "0" * 40}]
-    with pytest.raises(HubPathError, match=r"user/fed-tiny@round-0001: the repo lists a file named '../../outside.txt'"):
+    with pytest.raises(
+        HubPathError, match=r"user/fed-tiny@round-0001: the repo lists a file named '../../outside.txt'"
+    ):
         pull_round(REPO, 1, endpoint=hub_env.url)
     assert hub_env.count("GET", "/resolve/") == 0  # nothing was downloaded
 
 
-@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "C:evil", "a\\..\\x", "a/./b", "", "a//b", "x\0y"])
+@pytest.mark.parametrize(
+    "name", ["../x", "a/../../x", "/etc/passwd", "C:evil", "a\\..\\x", "a/./b", "", "a//b", "x\0y"]
+)
 def test_check_repo_path_refuses(name: str) -> None:
     with pytest.raises(HubPathError, match="outside the download folder"):
         check_repo_path(name, "user/repo@round-0001")

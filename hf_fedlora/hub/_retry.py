@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import HubPathError, HubPushError, redact
 
@@ -90,12 +91,17 @@ def with_retries(fn: Callable[[], T], what: str, *, max_retries: int, token: obj
             return fn()
         except (HubPushError, HubPathError):  # already a clear, final answer
             raise
-        except Exception as exc:  # noqa: BLE001 - classified just below
+        except Exception as exc:
             if not is_transient(exc) or attempt == max_retries:
                 raise RetryError(what, attempt + 1, exc, token) from exc
             delay = min(_MAX_WAIT, wait) * (0.5 + random.random() / 2)
             logger.warning(
-                "%s failed (%s); retry %d/%d in %.1fs", what, describe(exc, token), attempt + 1, max_retries, delay
+                "%s failed (%s); retry %d/%d in %.1fs",
+                what,
+                describe(exc, token),
+                attempt + 1,
+                max_retries,
+                delay,
             )
             time.sleep(delay)
             wait *= 2

@@ -1,7 +1,7 @@
 """``hf-fedlora push DIR REPO``: publish an adapter folder (or a federation round) to the Hub.
 
-    hf-fedlora push out/round-0003 user/fed-sst2 --round 3      # one commit + tag round-0003
-    hf-fedlora push global user/my-adapter --tag v1 --private
+hf-fedlora push out/round-0003 user/fed-sst2 --round 3      # one commit + tag round-0003
+hf-fedlora push global user/my-adapter --tag v1 --private
 """
 
 from __future__ import annotations
@@ -25,15 +25,26 @@ def add_push_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("directory", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("repo_id", help="Hub repo, user/name (created if missing)")
-    p.add_argument("--round", type=int, dest="round_index", help="federation round: tag round-NNNN, skip if already pushed")
+    p.add_argument(
+        "--round",
+        type=int,
+        dest="round_index",
+        help="federation round: tag round-NNNN, skip if already pushed",
+    )
     p.add_argument("--tag", help="tag the commit (without --round); must not exist yet")
     p.add_argument("--message", help="commit message (without --round)")
     p.add_argument("--private", action="store_true", default=None, help="create the repo private")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the logged-in token); never printed")
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
-    p.add_argument("--card-info", help="JSON object of model card facts (base_model, strategy, num_clients, ...)")
-    p.add_argument("--metrics", help="metrics.jsonl with one JSON object per round, for the model card's table")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on connection errors and 5xx (default: 5)")
+    p.add_argument(
+        "--card-info", help="JSON object of model card facts (base_model, strategy, num_clients, ...)"
+    )
+    p.add_argument(
+        "--metrics", help="metrics.jsonl with one JSON object per round, for the model card's table"
+    )
+    p.add_argument(
+        "--max-retries", type=int, default=5, help="retries on connection errors and 5xx (default: 5)"
+    )
     p.set_defaults(handler=run_push)
     return p
 
@@ -69,8 +80,14 @@ def run_push(args: argparse.Namespace) -> int:
             raise AdapterError(f"--card-info is not a JSON object ({exc.msg}).") from exc
     if args.round_index is not None:
         sha = push_round(
-            args.directory, args.repo_id, args.round_index, token=args.token, private=args.private,
-            endpoint=args.endpoint, card_info=card_info, metrics_history=_read_metrics(args.metrics),
+            args.directory,
+            args.repo_id,
+            args.round_index,
+            token=args.token,
+            private=args.private,
+            endpoint=args.endpoint,
+            card_info=card_info,
+            metrics_history=_read_metrics(args.metrics),
             max_retries=args.max_retries,
         )
         tag = round_tag(args.round_index)
@@ -81,10 +98,19 @@ def run_push(args: argparse.Namespace) -> int:
         return 0
     adapter = LoraAdapter.from_pretrained(args.directory)
     sha = push_adapter(
-        adapter, args.repo_id, revision_tag=args.tag, commit_message=args.message, private=args.private,
-        token=args.token, endpoint=args.endpoint, max_retries=args.max_retries,
+        adapter,
+        args.repo_id,
+        revision_tag=args.tag,
+        commit_message=args.message,
+        private=args.private,
+        token=args.token,
+        endpoint=args.endpoint,
+        max_retries=args.max_retries,
     )
-    print(f"pushed {args.directory} to {args.repo_id}: commit {sha[:7]}" + (f", tag {args.tag}" if args.tag else ""))
+    print(
+        f"pushed {args.directory} to {args.repo_id}: commit {sha[:7]}"
+        + (f", tag {args.tag}" if args.tag else "")
+    )
     return 0
 
 

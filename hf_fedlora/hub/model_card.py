@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..constants import ROUND_TAG_FORMAT
 
@@ -117,13 +118,17 @@ def build_model_card(
         rows.append(("aggregation strategy", f"`{strategy}`"))
     if num_clients:
         per_round = info.get("clients_per_round")
-        rows.append(("clients", f"{num_clients}" + (f" ({per_round} sampled per round)" if per_round else "")))
+        rows.append(
+            ("clients", f"{num_clients}" + (f" ({per_round} sampled per round)" if per_round else ""))
+        )
     if ranks:
         rows.append(("client LoRA ranks", _format_ranks(ranks)))
     if config is not None:
         targets = config.target_modules
         targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
-        rows.append(("global adapter", f"r={config.r}, lora_alpha={config.lora_alpha}, target modules: {targets}"))
+        rows.append(
+            ("global adapter", f"r={config.r}, lora_alpha={config.lora_alpha}, target modules: {targets}")
+        )
 
     tag = ROUND_TAG_FORMAT.format(round_index) if round_index is not None else None
     revision = f', revision="{tag}"' if tag else ""
@@ -132,15 +137,19 @@ def build_model_card(
         "",
         f"# {name}",
         "",
-        "The global LoRA adapter of a federated fine-tuning run made with "
-        "[hf-fedlora](https://github.com/hf-fedlora/hf-fedlora): clients train PEFT LoRA adapters of "
-        "different ranks on their own data, and a server merges them into this adapter every round.",
+        (
+            "The global LoRA adapter of a federated fine-tuning run made with hf-fedlora: clients train "
+            "PEFT LoRA adapters of different ranks on their own data, and a server merges them into this "
+            "adapter every round."
+        ),
     ]
     if tag:
         parts += [
             "",
-            f"This revision is **round {round_index}** (tag `{tag}`). Every round is one commit tagged "
-            "`round-NNNN`; `main` holds the latest round.",
+            (
+                f"This revision is **round {round_index}** (tag `{tag}`). Every round is one commit tagged "
+                "`round-NNNN`; `main` holds the latest round."
+            ),
         ]
     parts += ["", "## Federation", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     if metrics_history:

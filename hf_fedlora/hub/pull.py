@@ -57,7 +57,9 @@ def check_inside(folder: str | os.PathLike, name: str, where: str) -> Path:
     return Path(target)
 
 
-def list_rounds(repo_id: str, *, token: str | bool | None = None, endpoint: str | None = None, max_retries: int = 5) -> list[int]:
+def list_rounds(
+    repo_id: str, *, token: str | bool | None = None, endpoint: str | None = None, max_retries: int = 5
+) -> list[int]:
     """The rounds pushed to ``repo_id``: the numbers of its ``round-NNNN`` tags, ascending.
 
     Returns ``[]`` when the repo does not exist (yet) or cannot be seen with this token.
@@ -79,7 +81,10 @@ def list_rounds(repo_id: str, *, token: str | bool | None = None, endpoint: str 
         found = with_retries(refs, "listing tags", max_retries=max_retries, token=token)
     except RetryError as error:
         raise AdapterNotFoundError(
-            redact(f"{repo_id}: cannot list its round tags ({describe(error.last, token)}). Check your connection and HF_ENDPOINT.", token)
+            redact(
+                f"{repo_id}: cannot list its round tags ({describe(error.last, token)}). Check your connection and HF_ENDPOINT.",
+                token,
+            )
         ) from error.last
     if found is None:
         return []
@@ -109,13 +114,23 @@ def download_round(
     where = f"{repo_id}@{tag}"
     api = _api(endpoint, token)
     try:
-        names = with_retries(lambda: api.list_repo_files(repo_id, revision=tag), "listing files", max_retries=max_retries, token=token)
+        names = with_retries(
+            lambda: api.list_repo_files(repo_id, revision=tag),
+            "listing files",
+            max_retries=max_retries,
+            token=token,
+        )
         for name in names:
             check_repo_path(name, where)
         wanted = [n for n in ROUND_FILES if n in names]
         folder = with_retries(
             lambda: snapshot_download(
-                repo_id, revision=tag, token=token, endpoint=endpoint, cache_dir=cache_dir, allow_patterns=wanted
+                repo_id,
+                revision=tag,
+                token=token,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                allow_patterns=wanted,
             ),
             "download",
             max_retries=max_retries,
@@ -127,9 +142,14 @@ def download_round(
                 f"{where}: the repo has no tag '{tag}'. Rounds on the Hub: use `hf_fedlora.hub.list_rounds('{repo_id}')`."
             ) from error.last
         if isinstance(error.last, RepositoryNotFoundError):
-            raise AdapterNotFoundError(f"{where}: no Hub repo '{repo_id}' (or it is private: pass `token`).") from error.last
+            raise AdapterNotFoundError(
+                f"{where}: no Hub repo '{repo_id}' (or it is private: pass `token`)."
+            ) from error.last
         raise AdapterNotFoundError(
-            redact(f"{where}: download failed ({error.what}: {describe(error.last, token)}). Check your connection and HF_ENDPOINT.", token)
+            redact(
+                f"{where}: download failed ({error.what}: {describe(error.last, token)}). Check your connection and HF_ENDPOINT.",
+                token,
+            )
         ) from error.last
     for name in wanted:
         check_inside(folder, name, where)
@@ -162,7 +182,9 @@ def pull_round(
         AdapterNotFoundError: no such repo or round, or the Hub could not be reached.
         HubPathError: the repo lists a file name that escapes the download folder.
     """
-    folder = download_round(repo_id, round_index, token=token, endpoint=endpoint, cache_dir=cache_dir, max_retries=max_retries)
+    folder = download_round(
+        repo_id, round_index, token=token, endpoint=endpoint, cache_dir=cache_dir, max_retries=max_retries
+    )
     return LoraAdapter.from_pretrained(folder, label=f"{repo_id}@{round_tag(round_index)}")
 
 

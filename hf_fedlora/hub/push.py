@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .. import __version__
 from ..adapters import LoraAdapter
@@ -109,7 +110,13 @@ def _push_files(
             tagged = existing_tag(api, repo_id, tag, max_retries=max_retries, token=token)
             if tagged is not None:
                 if skip_if_tagged:
-                    logger.info("%s is already on '%s' (tag %s, commit %s); not pushing it again", what, repo_id, tag, tagged[:7])
+                    logger.info(
+                        "%s is already on '%s' (tag %s, commit %s); not pushing it again",
+                        what,
+                        repo_id,
+                        tag,
+                        tagged[:7],
+                    )
                     return None
                 raise HubPushError(
                     f"tag '{tag}' already exists on '{repo_id}' (commit {tagged[:7]}); choose another `revision_tag` "
@@ -126,15 +133,28 @@ def _push_files(
 
         def commit() -> str:
             # fresh operations each attempt: the client marks them as used once committed
-            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c)) for p, c in contents.items()]
+            ops = [
+                CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c))
+                for p, c in contents.items()
+            ]
             try:
                 info = api.create_commit(
-                    repo_id, ops, commit_message=commit_message, commit_description=f"Pushed by hf-fedlora {__version__}."
+                    repo_id,
+                    ops,
+                    commit_message=commit_message,
+                    commit_description=f"Pushed by hf-fedlora {__version__}.",
                 )
             except ValueError as exc:
-                if plain_card is None or "Invalid metadata in README.md" not in str(exc) or contents[MODEL_CARD_NAME] == plain_card:
+                if (
+                    plain_card is None
+                    or "Invalid metadata in README.md" not in str(exc)
+                    or contents[MODEL_CARD_NAME] == plain_card
+                ):
                     raise
-                logger.warning("the Hub refused the model card's metadata (%s); pushing it without base_model/datasets", redact(str(exc), token).replace("\n", " "))
+                logger.warning(
+                    "the Hub refused the model card's metadata (%s); pushing it without base_model/datasets",
+                    redact(str(exc), token).replace("\n", " "),
+                )
                 contents[MODEL_CARD_NAME] = plain_card
                 return commit()
             return info.oid
@@ -203,14 +223,27 @@ def push_adapter(
     with tempfile.TemporaryDirectory(prefix="hf-fedlora-push-") as tmp:
         folder = adapter.save_pretrained(Path(tmp) / "adapter")
         files: dict[str, Path | bytes] = dict(_collect_files(folder))
-        card_args = dict(config=adapter.config, provenance=adapter.provenance)
+        card_args: dict[str, Any] = {"config": adapter.config, "provenance": adapter.provenance}
         card = model_card if model_card is not None else build_model_card(repo_id, **card_args)
         files[MODEL_CARD_NAME] = card.encode("utf-8")
-        plain = None if model_card is not None else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
+        plain = (
+            None
+            if model_card is not None
+            else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
+        )
         message = commit_message or ("Upload LoRA adapter" + (f" ({revision_tag})" if revision_tag else ""))
         sha = _push_files(
-            repo_id, files, tag=revision_tag, commit_message=message, private=private, token=token, endpoint=endpoint,
-            max_retries=max_retries, what=f"adapter {adapter.label!r}", local=None, skip_if_tagged=False,
+            repo_id,
+            files,
+            tag=revision_tag,
+            commit_message=message,
+            private=private,
+            token=token,
+            endpoint=endpoint,
+            max_retries=max_retries,
+            what=f"adapter {adapter.label!r}",
+            local=None,
+            skip_if_tagged=False,
             plain_card=plain,
         )
     assert sha is not None
@@ -260,22 +293,32 @@ def push_round(
     """
     tag = round_tag(round_index)
     folder = Path(round_dir)
-    adapter = LoraAdapter.from_pretrained(folder, label=f"round {round_index} ('{folder}')")  # validates the folder
+    # reading the folder checks it is a PEFT adapter before anything is sent
+    adapter = LoraAdapter.from_pretrained(folder, label=f"round {round_index} ('{folder}')")
     files: dict[str, Path | bytes] = dict(_collect_files(folder))
-    card_args = dict(
-        round_index=round_index,
-        config=adapter.config,
-        provenance=adapter.provenance,
-        card_info=card_info,
-        metrics_history=metrics_history,
-    )
+    card_args: dict[str, Any] = {
+        "round_index": round_index,
+        "config": adapter.config,
+        "provenance": adapter.provenance,
+        "card_info": card_info,
+        "metrics_history": metrics_history,
+    }
     files[MODEL_CARD_NAME] = build_model_card(repo_id, **card_args).encode("utf-8")
     plain_card = build_model_card(repo_id, link_hub_repos=False, **card_args).encode("utf-8")
     strategy = (card_info or {}).get("strategy") or adapter.provenance.get("strategy")
     message = f"Round {round_index}: global adapter" + (f" ({strategy})" if strategy else "")
     return _push_files(
-        repo_id, files, tag=tag, commit_message=message, private=private, token=token, endpoint=endpoint,
-        max_retries=max_retries, what=f"round {round_index} ('{folder}')", local=folder, skip_if_tagged=True,
+        repo_id,
+        files,
+        tag=tag,
+        commit_message=message,
+        private=private,
+        token=token,
+        endpoint=endpoint,
+        max_retries=max_retries,
+        what=f"round {round_index} ('{folder}')",
+        local=folder,
+        skip_if_tagged=True,
         plain_card=plain_card,
     )
 
