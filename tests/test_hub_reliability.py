@@ -226,3 +226,9 @@ def test_round_tag_format() -> None:
     assert round_tag(3) == "round-0003" and round_tag(12345) == "round-12345"
     with pytest.raises(HubPushError, match="`round_index` must be a non-negative integer"):
         round_tag(-1)
+
+
+def test_repo_name_without_namespace_goes_to_the_token_owner(rounds, hub_env: LocalHub) -> None:
+    sha = push_round(rounds[1], "fed-tiny", 1, token=HUB_TOKEN, endpoint=hub_env.url)
+    assert hub_env.repos["user/fed-tiny"].tags == {"round-0001": sha}
+    assert push_round(rounds[1], "fed-tiny", 1, token=HUB_TOKEN, endpoint=hub_env.url) is None

@@ -106,6 +106,11 @@ def _push_files(
 
     api = _api(endpoint, token)
     try:
+        if "/" not in repo_id:  # "name" means the token owner's "user/name", as in transformers' push_to_hub
+            owner = with_retries(
+                lambda: api.whoami()["name"], "finding the token's user", max_retries=max_retries, token=token
+            )
+            repo_id = f"{owner}/{repo_id}"
         if tag is not None:
             tagged = existing_tag(api, repo_id, tag, max_retries=max_retries, token=token)
             if tagged is not None:
