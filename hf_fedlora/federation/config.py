@@ -3,7 +3,7 @@
 ``FedArgumentParser`` is ``HfArgumentParser`` plus ``--config file.yaml`` (the
 alignment-handbook's ``TrlParser`` pattern): YAML values become the defaults, command-line flags
 override them, unknown YAML keys are an error that lists them, and an ``env:`` mapping sets
-environment variables before anything is imported.
+environment variables before the run starts.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,6 +116,23 @@ def _push(fed_args: FederationArguments, folder: Path, round_index: int, card: d
         return {"ok": False, "error": message}
 
 
+def _command(*groups: Any) -> str:
+    """A command line that reproduces the run: every option whose value differs from its default."""
+    from dataclasses import MISSING, fields
+
+    parts = ["accelerate launch recipes/fed_glue.py"]
+    skip = {"hub_token", "resume", "overwrite_output_dir"}
+    for group in groups:
+        for f in fields(group):
+            value = getattr(group, f.name)
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if f.name in skip or value == default:
+                continue
+            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"--{f.name} {shown}" if " " not in shown or isinstance(value, list) else f"--{f.name} '{shown}'")
+    return " \\\n    ".join(parts)
+
+
 def _tracker_config(*args: Any) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for group in args:
@@ -125,6 +141,165 @@ def _tracker_config(*args: Any) -> dict[str, Any]:
                 continue
             flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+@dataclass
+class _Run:
+    """What every round of one run shares: options, data shards, the trainer and the metric."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    client_args: ClientArguments
+    fed_args: FederationArguments
+    accelerator: Any
+    out: Path
+    task: Any
+    shards: list
+    trainer: LocalTrainer
+    local_args: LocalTrainingArguments
+    strategy: Any
+    metric: Any
+    max_rank: int
+
+    @property
+    def send_back(self) -> str:
+        return self.fed_args.send_back or self.strategy.send_back
+
+    @property
+    def metric_name(self) -> str:
+        return PRIMARY_METRIC.get(self.task.metric, "accuracy")
+
+    def scoring_round(self, rnd: int) -> bool:
+        return self.fed_args.quality_upgrade and rnd <= self.fed_args.upgrade_after_round
+
+    def evaluate(self, adapter: LoraAdapter, split: Any) -> dict[str, float]:
+        return self.trainer.evaluate(
+            adapter, split, self.metric, self.client_args.per_device_eval_batch_size, self.data_args.max_seq_length
+        )
+
+    def card(self) -> dict[str, Any]:
+        fed, task = self.fed_args, self.task
+        return {
+            "base_model": self.model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
+            "task": task.name, "strategy": self.strategy.name, "num_clients": fed.num_clients,
+            "clients_per_round": fed.clients_per_round, "rounds": fed.rounds, "partition": fed.partition,
+            "ranks": f"quality upgrade {fed.low_rank}->{fed.high_rank}" if fed.quality_upgrade else fed.ranks,
+            "seed": fed.seed, "eval_metric": self.metric_name, "num_labels": task.num_labels,
+            "dataset": self.data_args.data_dir or ("nyu-mll/glue" if task.name in GLUE_TASKS else task.name),
+            "command": _command(self.model_args, self.data_args, self.client_args, fed),
+        }
+
+
+def _setup(model_args, data_args, client_args, fed_args, accelerator) -> _Run:
+    with accelerator.main_process_first():
+        task = load_task(data_args, seed=fed_args.seed)
+    parts = make_partitioner(
+        fed_args.partition, fed_args.num_clients, seed=fed_args.seed,
+        dirichlet_alpha=fed_args.dirichlet_alpha, high_quality_fraction=fed_args.high_quality_fraction,
+    )(task.train.labels)
+    trainer = LocalTrainer(
+        model_args.model_name_or_path, task.num_labels, target_modules=client_args.target_modules,
+        lora_alpha=client_args.lora_alpha, lora_dropout=client_args.lora_dropout, use_rslora=client_args.use_rslora,
+        is_regression=task.is_regression, config_overrides=model_args.config_overrides(),
+        trust_remote_code=model_args.trust_remote_code, label_names=task.label_names,
+    )
+    return _Run(
+        model_args, data_args, client_args, fed_args, accelerator, Path(fed_args.output_dir), task,
+        shards=[task.train.select(p) for p in parts],
+        trainer=trainer,
+        local_args=LocalTrainingArguments.from_args(client_args, data_args.max_seq_length),
+        strategy=get_strategy(fed_args.strategy),
+        metric=load_glue_metric(task.metric, keep_in_memory=True),
+        max_rank=fed_args.high_rank if fed_args.quality_upgrade else parse_rank_spec(fed_args.ranks).max_rank,
+    )
+
+
+def _initial_state(run: _Run, saved: RunState | None) -> RunState:
+    """The saved state (checked against the options), or a new one with ``round-0000/`` written."""
+    fed = run.fed_args
+    fingerprint = _fingerprint(run.model_args, run.data_args, run.client_args, fed)
+    if saved is not None:
+        saved.check_resumable(fingerprint, run.out)
+        return saved
+    ranks = (
+        [fed.low_rank] * fed.num_clients if fed.quality_upgrade else allocate_ranks(fed.ranks, fed.num_clients, seed=fed.seed)
+    )
+    state = RunState(ranks=ranks, fingerprint=fingerprint)
+    if run.accelerator.is_main_process:
+        initial = run.trainer.initial_adapter(run.max_rank, seed=fed.seed)
+        initial.provenance = {"round": 0, "what": "initial adapter"}
+        initial.save_pretrained(round_dir(run.out, 0))
+        truncate_records(run.out, 0)
+        state.save(run.out)
+    return state
+
+
+def _train_my_clients(run: _Run, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path) -> None:
+    """Train this process's share of the round's clients; each adapter goes to ``exchange``."""
+    from tqdm.auto import tqdm
+
+    fed, acc = run.fed_args, run.accelerator
+    sampled = sample_clients(fed.seed, rnd, fed.num_clients, fed.clients_per_round)
+    mine = sampled[acc.process_index :: acc.num_processes]
+    scoring = run.task.validation.select(range(min(fed.quality_eval_samples, len(run.task.validation))))
+    steps = sum(run.local_args.num_steps(len(run.shards[c])) for c in mine)
+    with tqdm(total=steps, desc=f"round {rnd} local training", leave=False, disable=not acc.is_main_process) as bar:
+        for cid in mine:
+            seed, rank = client_seed(fed.seed, rnd, cid), state.ranks[cid]
+            view = run.trainer.client_view(previous, rank, method=run.send_back, seed=seed)
+            adapter, result = run.trainer.train(view, rank, run.shards[cid], run.local_args, seed, progress=bar)
+            info = {"client": cid, "rank": rank, **result.as_dict(),
+                    "bytes_down": view.num_bytes(), "bytes_up": adapter.num_bytes()}
+            if run.scoring_round(rnd):
+                info["quality_score"] = run.evaluate(adapter, scoring)["score"]
+            adapter.provenance.update(round=rnd, client=info)
+            adapter.save_pretrained(exchange / f"client-{cid:04d}")
+
+
+def _server_round(
+    run: _Run, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path, records: list, timing: dict
+) -> dict[str, Any]:
+    """Main process: aggregate, save, evaluate, update ranks, push, and write the round's record."""
+    fed, out = run.fed_args, run.out
+    round_start = timing.pop("_start")
+    start = time.perf_counter()
+    sampled = sample_clients(fed.seed, rnd, fed.num_clients, fed.clients_per_round)
+    clients = [LoraAdapter.from_pretrained(exchange / f"client-{c:04d}") for c in sampled]
+    target_rank = None if run.strategy.name == "stacking" else run.max_rank
+    merged = aggregate_adapters(clients, strategy=run.strategy, target_rank=target_rank, previous=previous)
+    merged.provenance.update(round=rnd, sampled_clients=sampled)
+    merged.save_pretrained(round_dir(out, rnd))
+    timing["aggregate"] = round(time.perf_counter() - start, 3)
+
+    start = time.perf_counter()
+    evaluation = run.evaluate(merged, run.task.validation)
+    timing["eval"] = round(time.perf_counter() - start, 3)
+    infos = [c.provenance["client"] for c in clients]
+    traffic = sum(i["bytes_up"] + i["bytes_down"] for i in infos)
+    state.cumulative_bytes += traffic
+    if run.scoring_round(rnd):
+        state.scores.update({str(i["client"]): i["quality_score"] for i in infos})
+        if rnd == fed.upgrade_after_round:
+            scores = {int(k): v for k, v in state.scores.items()}
+            state.ranks = quality_upgrade(state.ranks, scores, high_rank=fed.high_rank, fraction=fed.upgrade_fraction)
+    record = {
+        "round": rnd, "clients": infos, "eval": evaluation, "eval_metric": run.metric_name,
+        "global_rank": merged.max_rank, "bytes_round": traffic, "cumulative_bytes": state.cumulative_bytes,
+        "seconds": timing, "strategy": run.strategy.name, "adapter": round_dir(out, rnd).name,
+    }
+    if fed.push_to_hub:
+        record["hub_push"] = _push(fed, round_dir(out, rnd), rnd, run.card(), [*records, record])
+    timing["wall"] = round(time.perf_counter() - round_start, 3)
+    append_record(out, record)
+    state.completed_round = rnd
+    state.save(out)
+    shutil.rmtree(exchange, ignore_errors=True)
+    run.accelerator.log(
+        {f"eval/{k}": v for k, v in evaluation.items()}
+        | {"train/mean_loss": float(np.mean([i["loss"] for i in infos])), "comm/cumulative_mb": state.cumulative_bytes / 1e6},
+        step=rnd,
+    )
+    return record
 
 
 def run_federation(
@@ -137,7 +312,7 @@ def run_federation(
 
     Outputs: ``round-0000/`` (initial adapter), ``round-NNNN/`` (global adapter after each round,
     PEFT format), ``metrics.jsonl`` (one line per round), ``state.json`` (for ``--resume``),
-    ``metrics.png``, ``README.md`` (model card) and tracker logs under ``runs/``.
+    ``metrics.png``, ``README.md`` (model card) and tracker logs under ``fed_glue/``.
 
     Returns:
         A :class:`FederationResult` with the records of all complete rounds.
@@ -151,135 +326,36 @@ def run_federation(
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(log_with=fed_args.report_to or None, project_dir=fed_args.output_dir)
-    logger = get_logger(__name__)
-    is_main, rank_id, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    out = Path(fed_args.output_dir)
-    saved = _prepare_output(out, fed_args, accelerator)
-
-    with accelerator.main_process_first():
-        task = load_task(data_args, seed=fed_args.seed)
-    parts = make_partitioner(
-        fed_args.partition, fed_args.num_clients, seed=fed_args.seed,
-        dirichlet_alpha=fed_args.dirichlet_alpha, high_quality_fraction=fed_args.high_quality_fraction,
-    )(task.train.labels)
-    shards = [task.train.select(p) for p in parts]
-    trainer = LocalTrainer(
-        model_args.model_name_or_path, task.num_labels, target_modules=client_args.target_modules,
-        lora_alpha=client_args.lora_alpha, lora_dropout=client_args.lora_dropout, use_rslora=client_args.use_rslora,
-        is_regression=task.is_regression, config_overrides=model_args.config_overrides(),
-        trust_remote_code=model_args.trust_remote_code, label_names=task.label_names,
-    )
-    local_args = LocalTrainingArguments.from_args(client_args, data_args.max_seq_length)
-    strategy = get_strategy(fed_args.strategy)
-    send_back = fed_args.send_back or strategy.send_back
-    metric = load_glue_metric(task.metric, keep_in_memory=True)
-    metric_name = PRIMARY_METRIC.get(task.metric, "accuracy")
-    max_rank = fed_args.high_rank if fed_args.quality_upgrade else parse_rank_spec(fed_args.ranks).max_rank
-    target_rank = None if strategy.name == "stacking" else max_rank
-    fingerprint = _fingerprint(model_args, data_args, client_args, fed_args)
-
-    if saved is not None:
-        saved.check_resumable(fingerprint, out)
-        state = saved
-        logger.info(f"resuming '{out}' after round {state.completed_round}", main_process_only=True)
-    else:
-        ranks = (
-            [fed_args.low_rank] * fed_args.num_clients if fed_args.quality_upgrade
-            else allocate_ranks(fed_args.ranks, fed_args.num_clients, seed=fed_args.seed)
-        )
-        state = RunState(ranks=ranks, fingerprint=fingerprint)
-        if is_main:
-            initial = trainer.initial_adapter(max_rank, seed=fed_args.seed)
-            initial.provenance = {"round": 0, "what": "initial adapter"}
-            initial.save_pretrained(round_dir(out, 0))
-            truncate_records(out, 0)
-            state.save(out)
+    is_main = accelerator.is_main_process
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    saved = _prepare_output(Path(fed_args.output_dir), fed_args, accelerator)
+    run = _setup(model_args, data_args, client_args, fed_args, accelerator)
+    out = run.out
+    state = _initial_state(run, saved)
+    records: list[dict[str, Any]] = []
     if is_main:
+        if saved is not None:
+            get_logger(__name__).info(f"resuming '{out}' after round {state.completed_round}", main_process_only=True)
         shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
         records = truncate_records(out, state.completed_round)
         accelerator.init_trackers("fed_glue", config=_tracker_config(model_args, data_args, client_args, fed_args))
     accelerator.wait_for_everyone()
 
-    card = {
-        "base_model": trainer.model_name_or_path if model_args.model_name_or_path else "sentence-transformers/all-MiniLM-L6-v2",
-        "task": task.name, "strategy": strategy.name, "num_clients": fed_args.num_clients,
-        "clients_per_round": fed_args.clients_per_round, "rounds": fed_args.rounds, "partition": fed_args.partition,
-        "ranks": f"quality upgrade {fed_args.low_rank}->{fed_args.high_rank}" if fed_args.quality_upgrade else fed_args.ranks,
-        "seed": fed_args.seed, "eval_metric": metric_name, "num_labels": task.num_labels,
-        "dataset": data_args.data_dir or ("nyu-mll/glue" if task.name in GLUE_TASKS else task.name),
-        "command": "accelerate launch " + " ".join(["recipes/fed_glue.py", *sys.argv[1:]]),
-    }
-    scoring = task.validation.select(range(min(fed_args.quality_eval_samples, len(task.validation))))
     rounds_bar = tqdm(
         range(state.completed_round + 1, fed_args.rounds + 1), desc="rounds", disable=not is_main,
         initial=state.completed_round, total=fed_args.rounds,
     )
     for rnd in rounds_bar:
-        round_start = time.perf_counter()
+        timing = {"_start": time.perf_counter()}
         previous = LoraAdapter.from_pretrained(round_dir(out, rnd - 1))
-        sampled = sample_clients(fed_args.seed, rnd, fed_args.num_clients, fed_args.clients_per_round)
-        mine = sampled[rank_id::world]
         exchange = out / EXCHANGE_DIR / f"round-{rnd:04d}"
-        steps = sum(local_args.num_steps(len(shards[c])) for c in mine)
-        with tqdm(total=steps, desc=f"round {rnd} local training", leave=False, disable=not is_main) as bar:
-            for cid in mine:
-                seed, rank = client_seed(fed_args.seed, rnd, cid), state.ranks[cid]
-                view = trainer.client_view(previous, rank, method=send_back, seed=seed)
-                adapter, result = trainer.train(view, rank, shards[cid], local_args, seed, progress=bar)
-                info = {"client": cid, "rank": rank, **result.as_dict(),
-                        "bytes_down": view.num_bytes(), "bytes_up": adapter.num_bytes()}
-                if fed_args.quality_upgrade and rnd <= fed_args.upgrade_after_round:
-                    info["quality_score"] = trainer.evaluate(
-                        adapter, scoring, metric, client_args.per_device_eval_batch_size, data_args.max_seq_length
-                    )["score"]
-                adapter.provenance.update(round=rnd, client=info)
-                adapter.save_pretrained(exchange / f"client-{cid:04d}")
+        _train_my_clients(run, rnd, previous, state, exchange)
         accelerator.wait_for_everyone()
-        train_seconds = time.perf_counter() - round_start
-
+        timing["train"] = round(time.perf_counter() - timing["_start"], 3)
         if is_main:
-            start = time.perf_counter()
-            clients = [LoraAdapter.from_pretrained(exchange / f"client-{c:04d}") for c in sampled]
-            merged = aggregate_adapters(clients, strategy=strategy, target_rank=target_rank, previous=previous)
-            merged.provenance.update(round=rnd, sampled_clients=sampled)
-            merged.save_pretrained(round_dir(out, rnd))
-            aggregate_seconds = time.perf_counter() - start
-
-            start = time.perf_counter()
-            evaluation = trainer.evaluate(
-                merged, task.validation, metric, client_args.per_device_eval_batch_size, data_args.max_seq_length
-            )
-            eval_seconds = time.perf_counter() - start
-            infos = [c.provenance["client"] for c in clients]
-            traffic = sum(i["bytes_up"] + i["bytes_down"] for i in infos)
-            state.cumulative_bytes += traffic
-            if fed_args.quality_upgrade and rnd <= fed_args.upgrade_after_round:
-                state.scores.update({str(i["client"]): i["quality_score"] for i in infos})
-                if rnd == fed_args.upgrade_after_round:
-                    state.ranks = quality_upgrade(
-                        state.ranks, {int(k): v for k, v in state.scores.items()},
-                        high_rank=fed_args.high_rank, fraction=fed_args.upgrade_fraction,
-                    )
-            record = {
-                "round": rnd, "clients": infos, "eval": evaluation, "eval_metric": metric_name,
-                "global_rank": merged.max_rank, "bytes_round": traffic, "cumulative_bytes": state.cumulative_bytes,
-                "seconds": {"train": round(train_seconds, 3), "aggregate": round(aggregate_seconds, 3),
-                            "eval": round(eval_seconds, 3), "wall": None},
-                "strategy": strategy.name, "adapter": round_dir(out, rnd).name,
-            }
-            if fed_args.push_to_hub:
-                record["hub_push"] = _push(fed_args, round_dir(out, rnd), rnd, card, [*records, record])
-            record["seconds"]["wall"] = round(time.perf_counter() - round_start, 3)
-            append_record(out, record)
+            record = _server_round(run, rnd, previous, state, exchange, records, timing)
             records.append(record)
-            state.completed_round = rnd
-            state.save(out)
-            shutil.rmtree(exchange, ignore_errors=True)
-            accelerator.log({f"eval/{k}": v for k, v in evaluation.items()}
-                            | {"train/mean_loss": float(np.mean([i["loss"] for i in infos])),
-                               "comm/cumulative_mb": state.cumulative_bytes / 1e6}, step=rnd)
-            rounds_bar.set_postfix({metric_name: f"{evaluation['score']:.4f}"})
+            rounds_bar.set_postfix({run.metric_name: f"{record['eval']['score']:.4f}"})
         accelerator.wait_for_everyone()
         state = RunState.load(out) or state
 
@@ -288,7 +364,7 @@ def run_federation(
         shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
         accelerator.print(summary_table(records))
         plot_history(records, out / PLOT_NAME)
-        (out / MODEL_CARD_NAME).write_text(render_model_card(card, records), encoding="utf-8")
+        (out / MODEL_CARD_NAME).write_text(render_model_card(run.card(), records), encoding="utf-8")
     accelerator.end_training()
     accelerator.wait_for_everyone()
     return FederationResult(out, records, round_dir(out, state.completed_round))
