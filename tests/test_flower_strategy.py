@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -153,7 +155,12 @@ def test_bad_reply_is_rejected_and_the_round_goes_on(make_adapter, caplog, how, 
     replies = _as_replies(_train_messages(strategy, initial))
     bad = next(r for r in replies if r.metadata.src_node_id == 12)
     _break(bad, how)
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    flwr_logger = logging.getLogger("flwr")  # Flower may stop propagation once a simulation has run
+    flwr_logger.addHandler(caplog.handler)
+    try:
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    finally:
+        flwr_logger.removeHandler(caplog.handler)
     assert arrays is not None and metrics["clients-accepted"] == 3 and metrics["clients-rejected"] == 1
     (node, reason), = strategy.rounds[0].rejected
     assert node == 12
