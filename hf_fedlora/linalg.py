@@ -39,13 +39,21 @@ def factored_svd(
     Returns:
         ``(A, B)`` with shapes ``[rank, in]`` and ``[out, rank]``, float32.
     """
-    b_stack = torch.cat([b.double() for b in bs], dim=1)
-    a_stack = torch.cat([a.double() for a in as_], dim=0)
-    q_b, r_b = torch.linalg.qr(b_stack)  # float64: the core's small singular values stay accurate
-    q_a, r_a = torch.linalg.qr(a_stack.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    keep = min(rank, s.shape[0])
+    b_stack = torch.cat([b.float() for b in bs], dim=1)
+    a_stack = torch.cat([a.float() for a in as_], dim=0)
+    if b_stack.shape[1] >= min(b_stack.shape[0], a_stack.shape[1]):
+        # the stacked rank reaches the layer's size: the dense SVD is no more expensive
+        u, s, vh = torch.linalg.svd((b_stack.double() @ a_stack.double()), full_matrices=False)
+        keep = min(rank, s.shape[0])
+        left, right = u[:, :keep], vh[:keep]
+    else:
+        q_b, r_b = torch.linalg.qr(b_stack)
+        q_a, r_a = torch.linalg.qr(a_stack.T)
+        # the small core in float64 keeps its trailing singular values accurate
+        u, s, vh = torch.linalg.svd(r_b.double() @ r_a.double().T, full_matrices=False)
+        keep = min(rank, s.shape[0])
+        left, right = q_b.double() @ u[:, :keep], vh[:keep] @ q_a.double().T
     root = s[:keep].sqrt()
-    b = (q_b @ u[:, :keep]) * root
-    a = root[:, None] * (vh[:keep] @ q_a.T)
+    b = left * root
+    a = root[:, None] * right
     return pad_rows(a.float(), rank), pad_cols(b.float(), rank)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
@@ -64,15 +65,22 @@ class MemoryStore:
 
 
 class SafetensorsStore:
-    """A safetensors file read lazily: the header at open, each tensor only when asked for."""
+    """A safetensors file read lazily: the header at open, each tensor only when asked for.
+
+    The file is validated by ``safetensors.safe_open`` once; tensors are then read with plain
+    positioned reads rather than a memory map, so pages of already-merged modules do not stay in
+    the process's resident memory while the other modules of many clients are read.
+    """
 
     def __init__(self, path: str | os.PathLike, where: str):
         self.path = Path(path)
         self._where = where
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            self._keys = sorted(self._handle.keys())
-            self._slices = {k: self._handle.get_slice(k) for k in self._keys}
+            with safe_open(str(self.path), framework="pt", device="cpu"):
+                pass  # full header validation: offsets, sizes, dtypes
+            with open(self.path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
         except FileNotFoundError as exc:
             raise AdapterNotFoundError(f"{where}: weights file '{self.path}' does not exist.") from exc
         except Exception as exc:  # safetensors raises its own error type for every kind of corruption
@@ -80,23 +88,38 @@ class SafetensorsStore:
                 f"{where}, file '{self.path.name}': not a valid safetensors file ({exc}). "
                 "The upload was probably truncated or corrupted: send the adapter again."
             ) from exc
+        header.pop("__metadata__", None)
+        self._data_start = 8 + length
+        self._entries = {key: (info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for key, info in header.items()}
+        self._keys = sorted(self._entries)
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slices[key].get_shape())
+        return self._entries[key][1]
 
     def dtype(self, key: str) -> torch.dtype | None:
-        return _SAFETENSORS_DTYPES.get(self._slices[key].get_dtype())
+        return _SAFETENSORS_DTYPES.get(self._entries[key][0])
 
     def get(self, key: str) -> torch.Tensor:
+        dtype_name, shape, start, end = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        where = f"{self._where}, file '{self.path.name}': tensor `{key}`"
+        if dtype is None:
+            raise AdapterFormatError(f"{where} has dtype {dtype_name}, which this torch cannot read.")
+        buffer = bytearray(end - start)
         try:
-            return self._handle.get_tensor(key)
-        except Exception as exc:
-            raise AdapterFormatError(
-                f"{self._where}, file '{self.path.name}': tensor `{key}` cannot be read ({exc})."
-            ) from exc
+            with open(self.path, "rb") as handle:
+                handle.seek(self._data_start + start)
+                got = handle.readinto(buffer)
+        except OSError as exc:
+            raise AdapterFormatError(f"{where} cannot be read ({exc}).") from exc
+        if got != len(buffer):
+            raise AdapterFormatError(f"{where}: the file ended early (it changed or was truncated after it was opened).")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def read_json(path: str | os.PathLike, where: str, what: str) -> dict[str, Any]:

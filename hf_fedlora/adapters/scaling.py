@@ -44,7 +44,7 @@ def module_scale(config: LoraConfig, module: str) -> float:
 def fold(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the scale into the factors: returns ``(sqrt(s) A, sqrt(s) B)`` in float32."""
     root = math.sqrt(scale)
-    return a.float() * root, b.float() * root
+    return a.to(torch.float32, copy=True).mul_(root), b.to(torch.float32, copy=True).mul_(root)
 
 
 def unfold(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Tensor helpers shared by the padding strategies."""
+"""Tensor helpers shared by the padding strategies (in-place accumulation, no padded copies)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from typing import Sequence
 
 import torch
 
-from ..linalg import pad_cols, pad_rows
-
 
 def weighted_padded_sum(
     a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], weights: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_k w_k pad(A_k)`` and ``sum_k w_k pad(B_k)``, every client zero-padded to ``rank``."""
-    out_a = sum(w * pad_rows(ak, rank) for w, ak in zip(weights, a))
-    out_b = sum(w * pad_cols(bk, rank) for w, bk in zip(weights, b))
+    """``sum_k w_k pad(A_k)`` and ``sum_k w_k pad(B_k)``, every client zero-padded (or cut) to ``rank``."""
+    out_a = a[0].new_zeros(rank, a[0].shape[1])
+    out_b = b[0].new_zeros(b[0].shape[0], rank)
+    for w, ak, bk in zip(weights.tolist(), a, b):
+        r = min(ak.shape[0], rank)
+        out_a[:r].add_(ak[:r], alpha=w)
+        out_b[:, :r].add_(bk[:, :r], alpha=w)
     return out_a, out_b
 
 
@@ -22,3 +24,16 @@ def slot_owner_weights(ranks: Sequence[int], weights: torch.Tensor, rank: int) -
     """``[K, rank]`` matrix: ``w_k`` where client k owns slot i (``r_k > i``), else 0."""
     owns = torch.arange(rank)[None, :] < torch.tensor(ranks)[:, None]
     return owns.float() * weights[:, None]
+
+
+def slotwise_padded_sum(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], share: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_k share[k, i] * a_{k,i}`` for every slot i (rows of A, columns of B), up to ``rank``."""
+    out_a = a[0].new_zeros(rank, a[0].shape[1])
+    out_b = b[0].new_zeros(b[0].shape[0], rank)
+    for k, (ak, bk) in enumerate(zip(a, b)):
+        r = min(ak.shape[0], rank)
+        out_a[:r].addcmul_(ak[:r], share[k, :r, None])
+        out_b[:, :r].addcmul_(bk[:, :r], share[k, None, :r])
+    return out_a, out_b

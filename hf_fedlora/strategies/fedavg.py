@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ._linalg import weighted_padded_sum
 from .base import ModuleInputs, Strategy
 from .registry import register_strategy
 
@@ -20,6 +21,4 @@ class FedAvgStrategy(Strategy):
     supports_heterogeneous_ranks = False
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        a = sum(w * ak for w, ak in zip(inputs.weights, inputs.a))
-        b = sum(w * bk for w, bk in zip(inputs.weights, inputs.b))
-        return a, b
+        return weighted_padded_sum(inputs.a, inputs.b, inputs.weights, inputs.max_rank)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import pad_cols, pad_rows
-from ._linalg import slot_owner_weights
+from ._linalg import slot_owner_weights, slotwise_padded_sum
 from .base import ModuleInputs, Strategy
 from .registry import register_strategy
 
@@ -35,8 +35,7 @@ class ReplicationStrategy(Strategy):
         total = owners.sum(dim=0)
         orphan = total == 0
         share = owners / torch.where(orphan, torch.ones_like(total), total)
-        a = sum(share[k][:, None] * pad_rows(ak, rank) for k, ak in enumerate(inputs.a))
-        b = sum(share[k][None, :] * pad_cols(bk, rank) for k, bk in enumerate(inputs.b))
+        a, b = slotwise_padded_sum(inputs.a, inputs.b, share, rank)
         if inputs.previous is not None and orphan.any():
             prev_a, prev_b = pad_rows(inputs.previous[0], rank), pad_cols(inputs.previous[1], rank)
             a = torch.where(orphan[:, None], prev_a, a)
