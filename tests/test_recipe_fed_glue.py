@@ -162,16 +162,18 @@ def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model
     monkeypatch.setattr(loop, "append_record", real_append)
 
     _run(_args(tiny_model_dir, shared_data, out, resume=True))
+    # Equal up to CPU thread-scheduling noise (two identical fresh runs on a loaded machine differ
+    # by ~1e-8); a resume that changed anything (data, seeds, ranks, previous adapter) differs by >1e-3.
     resumed, reference = _tensors(out / "round-0002"), _tensors(baseline / "round-0002")
     assert set(resumed) == set(reference)
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
     got, want = _records(out), _records(baseline)
     assert [r["round"] for r in got] == [1, 2]
     for g, w in zip(got, want):
-        assert g["eval"] == w["eval"]
-        assert [(c["client"], c["rank"], c["loss"]) for c in g["clients"]] == [
-            (c["client"], c["rank"], c["loss"]) for c in w["clients"]
-        ]
+        assert g["eval"] == pytest.approx(w["eval"])
+        assert [(c["client"], c["rank"]) for c in g["clients"]] == [(c["client"], c["rank"]) for c in w["clients"]]
+        assert [c["loss"] for c in g["clients"]] == pytest.approx([c["loss"] for c in w["clients"]], abs=1e-6)
 
 
 def _free_port() -> int:
