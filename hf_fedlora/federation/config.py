@@ -145,6 +145,20 @@ class FederationArguments:
         "How clients get their rank view: `truncate` or `svd`; default: the strategy's own choice.", default=None
     )
     seed: int = _help("Seed of the split, sampling, ranks and every client's training.", default=42)
+    on_bad_client: str = _help(
+        "What the server does with a client update it cannot use (unreadable, NaN/Inf, incompatible, or over a "
+        "norm bound): `skip` it and aggregate the rest (recorded in metrics.jsonl), or `fail` the run.",
+        default="skip",
+    )
+    max_update_norm: float | None = _help("Reject client updates whose norm ||dW||_F exceeds this.", default=None)
+    max_norm_ratio: float | None = _help(
+        "Reject client updates whose norm exceeds this multiple of the round's median update norm.", default=None
+    )
+    clip_update_norm: float | None = _help("Scale client updates down to at most this norm.", default=None)
+    keep_client_adapters: bool = _help(
+        "Keep every client's trained adapter under `clients/round-NNNN/` (for diagnostics; costs disk).",
+        default=False,
+    )
     output_dir: str = _help("Folder for rounds, metrics, state, plot and model card.", default="outputs/fed_glue")
     overwrite_output_dir: bool = _help("Delete an existing output folder instead of refusing to start.", default=False)
     resume: bool = _help("Continue from the last complete round in `output_dir`.", default=False)
@@ -170,6 +184,12 @@ class FederationArguments:
             raise ValueError(f"`low_rank` must be >= 1 and <= `high_rank`, got {self.low_rank} / {self.high_rank}.")
         if self.send_back not in (None, "truncate", "svd"):
             raise ValueError(f"`send_back` must be 'truncate' or 'svd', got {self.send_back!r}.")
+        if self.on_bad_client not in ("skip", "fail"):
+            raise ValueError(f"`on_bad_client` must be 'skip' or 'fail', got {self.on_bad_client!r}.")
+        for name in ("max_update_norm", "max_norm_ratio", "clip_update_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
         from ..strategies import get_strategy
 
         get_strategy(self.strategy)

@@ -23,6 +23,8 @@ import torch
 
 from ..adapters import LoraAdapter
 from ..aggregation import aggregate_adapters
+from ..errors import AdapterError
+from ..screening import screen_clients
 from ..constants import MODEL_CARD_NAME
 from ..metrics import load_glue_metric
 from ..strategies import get_strategy
@@ -33,7 +35,15 @@ from .model_card import render_model_card
 from .partition import make_partitioner
 from .plots import plot_history, summary_table
 from .ranks import allocate_ranks, parse_rank_spec, quality_upgrade
-from .state import EXCHANGE_DIR, RunState, append_record, read_records, round_dir, truncate_records
+from .state import (
+    EXCHANGE_DIR,
+    RunState,
+    append_record,
+    read_records,
+    remove_stale_temporaries,
+    round_dir,
+    truncate_records,
+)
 
 PLOT_NAME = "metrics.png"
 GLUE_TASKS = tuple(t for t, spec in TASKS.items() if spec.hub_id == "nyu-mll/glue")
@@ -256,6 +266,29 @@ def _train_my_clients(run: _Run, rnd: int, previous: LoraAdapter, state: RunStat
             adapter.save_pretrained(exchange / f"client-{cid:04d}")
 
 
+def _screen(run: _Run, folders: list[Path], sampled: list[int]) -> tuple[list[LoraAdapter], list[dict[str, Any]]]:
+    """The round's usable client adapters, and who was dropped and why (``--on_bad_client``)."""
+    from accelerate.logging import get_logger
+
+    fed = run.fed_args
+    accepted, verdicts = screen_clients(
+        folders, max_update_norm=fed.max_update_norm, max_norm_ratio=fed.max_norm_ratio,
+        clip_update_norm=fed.clip_update_norm,
+    )
+    dropped = [{"client": sampled[v.index], "reason": v.reason} for v in verdicts if not v.accepted]
+    clipped = [sampled[v.index] for v in verdicts if v.clipped]
+    if dropped and fed.on_bad_client == "fail":
+        raise AdapterError(
+            f"{len(dropped)} client update(s) rejected and `on_bad_client` is 'fail': "
+            + "; ".join(f"client {d['client']}: {d['reason']}" for d in dropped)
+        )
+    for item in dropped:
+        get_logger(__name__).warning(f"dropping client {item['client']} from this round: {item['reason']}")
+    if clipped:
+        get_logger(__name__).info(f"clipped the updates of clients {clipped} to norm {fed.clip_update_norm}")
+    return accepted, dropped
+
+
 def _server_round(
     run: _Run, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path, records: list, timing: dict
 ) -> dict[str, Any]:
@@ -264,10 +297,13 @@ def _server_round(
     round_start = timing.pop("_start")
     start = time.perf_counter()
     sampled = sample_clients(fed.seed, rnd, fed.num_clients, fed.clients_per_round)
-    clients = [LoraAdapter.from_pretrained(exchange / f"client-{c:04d}") for c in sampled]
+    clients, dropped = _screen(run, [exchange / f"client-{c:04d}" for c in sampled], sampled)
     target_rank = None if run.strategy.name == "stacking" else run.max_rank
-    merged = aggregate_adapters(clients, strategy=run.strategy, target_rank=target_rank, previous=previous)
-    merged.provenance.update(round=rnd, sampled_clients=sampled)
+    if clients:
+        merged = aggregate_adapters(clients, strategy=run.strategy, target_rank=target_rank, previous=previous)
+    else:
+        merged = previous  # every update was rejected: the global adapter stays as it was
+    merged.provenance.update(round=rnd, sampled_clients=sampled, dropped_clients=dropped)
     merged.save_pretrained(round_dir(out, rnd))
     timing["aggregate"] = round(time.perf_counter() - start, 3)
 
@@ -283,7 +319,7 @@ def _server_round(
             scores = {int(k): v for k, v in state.scores.items()}
             state.ranks = quality_upgrade(state.ranks, scores, high_rank=fed.high_rank, fraction=fed.upgrade_fraction)
     record = {
-        "round": rnd, "clients": infos, "eval": evaluation, "eval_metric": run.metric_name,
+        "round": rnd, "clients": infos, "dropped": dropped, "eval": evaluation, "eval_metric": run.metric_name,
         "global_rank": merged.max_rank, "bytes_round": traffic, "cumulative_bytes": state.cumulative_bytes,
         "seconds": timing, "strategy": run.strategy.name, "adapter": round_dir(out, rnd).name,
     }
@@ -293,6 +329,11 @@ def _server_round(
     append_record(out, record)
     state.completed_round = rnd
     state.save(out)
+    if fed.keep_client_adapters:
+        kept = out / "clients" / round_dir(out, rnd).name
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(exchange, kept)
     shutil.rmtree(exchange, ignore_errors=True)
     run.accelerator.log(
         {f"eval/{k}": v for k, v in evaluation.items()}
@@ -337,6 +378,9 @@ def run_federation(
         if saved is not None:
             get_logger(__name__).info(f"resuming '{out}' after round {state.completed_round}", main_process_only=True)
         shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
+        stale = remove_stale_temporaries(out)
+        if stale:
+            get_logger(__name__).info(f"removed temporaries of an interrupted run: {stale}", main_process_only=True)
         records = truncate_records(out, state.completed_round)
         accelerator.init_trackers("fed_glue", config=_tracker_config(model_args, data_args, client_args, fed_args))
     accelerator.wait_for_everyone()

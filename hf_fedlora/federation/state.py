@@ -87,6 +87,22 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the hidden temporary files and folders a killed run left behind; returns their names.
+
+    Rounds and state files are written to ``.<name>.*`` temporaries and renamed into place, so a
+    kill can leave such a temporary but never a half-written round; this sweeps them on restart.
+    """
+    import shutil
+
+    removed = []
+    for path in Path(output_dir).glob(".*"):
+        if any(path.name.startswith(f".{name}.") for name in (STATE_NAME, METRICS_NAME)) or ".tmp-" in path.name:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def append_record(output_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one round's record as a JSON line to ``metrics.jsonl``."""
     with open(Path(output_dir) / METRICS_NAME, "a", encoding="utf-8") as handle:
@@ -126,6 +142,7 @@ __all__ = [
     "RunState",
     "append_record",
     "read_records",
+    "remove_stale_temporaries",
     "round_dir",
     "truncate_records",
 ]
