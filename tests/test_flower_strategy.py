@@ -149,13 +149,15 @@ def _break(reply: Message, how: str) -> None:
         ("layer", r"round 1, reply from node 12: module `.*` has layer shape"),
     ],
 )
-def test_bad_reply_is_rejected_and_the_round_goes_on(make_adapter, caplog, how, message) -> None:
+def test_bad_reply_is_rejected_and_the_round_goes_on(make_adapter, caplog, monkeypatch, how, message) -> None:
     initial = _initial(make_adapter)
     strategy = HeteroLoraStrategy(rank_allocation=RANKS, keep_replies=True)
     replies = _as_replies(_train_messages(strategy, initial))
     bad = next(r for r in replies if r.metadata.src_node_id == 12)
     _break(bad, how)
-    flwr_logger = logging.getLogger("flwr")  # Flower may stop propagation once a simulation has run
+    flwr_logger = logging.getLogger("flwr")
+    # other libraries' logging setup (dictConfig) may disable or detach Flower's logger earlier in the session
+    monkeypatch.setattr(flwr_logger, "disabled", False)
     flwr_logger.addHandler(caplog.handler)
     try:
         arrays, metrics = strategy.aggregate_train(1, replies)

@@ -145,15 +145,17 @@ class HighQualityPartitioner(Partitioner):
     def _split(self, labels: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         groups = label_groups(labels)
         classes = np.unique(groups)
+        num_low = self.num_partitions - self.num_high_quality
         size = self.high_quality_size or len(labels) // self.num_partitions
-        per_class = max(1, size // len(classes))
+        size = max(1, min(size, (len(labels) - num_low) // self.num_high_quality))  # leave one per other client
         pools = {c: list(rng.permutation(np.flatnonzero(groups == c))) for c in classes}
         high: list[np.ndarray] = []
         for _ in range(self.num_high_quality):
             take: list[int] = []
-            for c in classes:
-                take.extend(pools[c][:per_class])
-                pools[c] = pools[c][per_class:]
+            while len(take) < size and any(pools.values()):  # one of each class in turn: balanced to +-1
+                for c in classes:
+                    if pools[c] and len(take) < size:
+                        take.append(pools[c].pop(0))
             high.append(np.asarray(take))
         rest = np.sort(np.concatenate([np.asarray(p, dtype=np.int64) for p in pools.values()]))
         low_seed = int(rng.integers(2**31))
