@@ -79,7 +79,7 @@ def test_high_quality_clients_get_balanced_data_and_the_rest_is_skewed():
     assert partitioner.num_high_quality == 2
     for part in parts[:2]:
         counts = np.bincount(labels[part], minlength=4)
-        assert counts.min() == counts.max() == 1000 // 20 // 4
+        assert counts.sum() == 1000 // 20 and counts.max() - counts.min() <= 1  # an equal share, classes balanced
     assert _skew(parts[2:], labels) > 0.6
 
 
