@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from hf_fedlora import list_strategies
@@ -31,10 +31,6 @@ def make_inputs(ranks, weights, seed) -> ModuleInputs:
 def update(strategy: str, inputs: ModuleInputs) -> torch.Tensor:
     a, b = get_strategy(strategy).aggregate_module(inputs)
     return b.double() @ a.double()
-
-
-settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
-settings.load_profile("ci")
 
 
 @given(ranks=ranks_lists, weights=weights_lists, seed=st.integers(0, 2**16), data=st.data())
