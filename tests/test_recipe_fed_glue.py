@@ -307,3 +307,22 @@ def test_glue_tsv_layout_is_read_with_its_quirks(task, num_labels, first_label, 
     assert data.train.labels[0] == pytest.approx(first_label)
     assert (data.train.text_pairs is not None) == pair
     assert len(data.validation) > 0 and all(isinstance(t, str) and t for t in data.train.texts[:50])
+
+
+def test_quality_scoring_all_probes_every_client_but_aggregates_the_sampled(tiny_model_dir, shared_data, tmp_path):
+    """The seed paper's allocation: every client is scored after round 1; the top fraction of all of them is upgraded."""
+    out = tmp_path / "probe_all"
+    _run(_args(
+        tiny_model_dir, shared_data, out, task="ag_news", data_dir=shared_data / "ag_news", max_train_samples=400,
+        num_clients=6, clients_per_round=2, rounds=1, partition="high_quality", high_quality_fraction=0.2,
+        quality_upgrade=True, low_rank=2, high_rank=6, upgrade_fraction=0.34, quality_eval_samples=32,
+        quality_scoring="all",
+    ))
+    (record,) = _records(out)
+    state = json.loads((out / "state.json").read_text())
+    assert sorted(map(int, state["scores"])) == list(range(6))
+    assert len(record["clients"]) == 2
+    assert json.loads((out / "round-0001" / "fedlora_provenance.json").read_text())["num_clients"] == 2
+    scores = {int(k): v for k, v in state["scores"].items()}
+    upgraded = sorted(scores, key=lambda c: (-scores[c], c))[:3]  # ceil(0.34 * 6) = 3
+    assert sorted(c for c, r in enumerate(state["ranks"]) if r == 6) == sorted(upgraded)

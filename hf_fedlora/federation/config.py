@@ -140,6 +140,12 @@ class FederationArguments:
     upgrade_fraction: float = _help("`quality_upgrade`: share of scored clients upgraded.", default=0.1)
     upgrade_after_round: int = _help("`quality_upgrade`: round after which ranks are upgraded.", default=1)
     quality_eval_samples: int = _help("`quality_upgrade`: validation examples used to score a client.", default=256)
+    quality_scoring: str = _help(
+        "`quality_upgrade`: which clients are scored in the scoring rounds: `sampled` (only those trained for "
+        "the round) or `all` (every client trains once from the current global adapter to be scored, as in the "
+        "seed paper; only the sampled ones are aggregated; costs one local epoch per client).",
+        default="sampled",
+    )
     strategy: str = _help("Aggregation strategy (`hf_fedlora.list_strategies()`).", default="replication")
     send_back: str | None = _help(
         "How clients get their rank view: `truncate` or `svd`; default: the strategy's own choice.", default=None
@@ -184,6 +190,8 @@ class FederationArguments:
             raise ValueError(f"`low_rank` must be >= 1 and <= `high_rank`, got {self.low_rank} / {self.high_rank}.")
         if self.send_back not in (None, "truncate", "svd"):
             raise ValueError(f"`send_back` must be 'truncate' or 'svd', got {self.send_back!r}.")
+        if self.quality_scoring not in ("sampled", "all"):
+            raise ValueError(f"`quality_scoring` must be 'sampled' or 'all', got {self.quality_scoring!r}.")
         if self.on_bad_client not in ("skip", "fail"):
             raise ValueError(f"`on_bad_client` must be 'skip' or 'fail', got {self.on_bad_client!r}.")
         for name in ("max_update_norm", "max_norm_ratio", "clip_update_norm"):

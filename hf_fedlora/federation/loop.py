@@ -39,6 +39,7 @@ from .state import (
     EXCHANGE_DIR,
     RunState,
     append_record,
+    atomic_write_text,
     read_records,
     remove_stale_temporaries,
     round_dir,
@@ -250,7 +251,8 @@ def _train_my_clients(run: _Run, rnd: int, previous: LoraAdapter, state: RunStat
 
     fed, acc = run.fed_args, run.accelerator
     sampled = sample_clients(fed.seed, rnd, fed.num_clients, fed.clients_per_round)
-    mine = sampled[acc.process_index :: acc.num_processes]
+    probe_all = run.scoring_round(rnd) and fed.quality_scoring == "all"
+    mine = (list(range(fed.num_clients)) if probe_all else sampled)[acc.process_index :: acc.num_processes]
     scoring = run.task.validation.select(range(min(fed.quality_eval_samples, len(run.task.validation))))
     steps = sum(run.local_args.num_steps(len(run.shards[c])) for c in mine)
     with tqdm(total=steps, desc=f"round {rnd} local training", leave=False, disable=not acc.is_main_process) as bar:
@@ -262,6 +264,9 @@ def _train_my_clients(run: _Run, rnd: int, previous: LoraAdapter, state: RunStat
                     "bytes_down": view.num_bytes(), "bytes_up": adapter.num_bytes()}
             if run.scoring_round(rnd):
                 info["quality_score"] = run.evaluate(adapter, scoring)["score"]
+            if cid not in sampled:  # probed for its score only; not part of this round's aggregate
+                atomic_write_text(exchange / f"score-{cid:04d}.json", json.dumps({"client": cid, "quality_score": info["quality_score"]}))
+                continue
             adapter.provenance.update(round=rnd, client=info)
             adapter.save_pretrained(exchange / f"client-{cid:04d}")
 
@@ -315,6 +320,9 @@ def _server_round(
     state.cumulative_bytes += traffic
     if run.scoring_round(rnd):
         state.scores.update({str(i["client"]): i["quality_score"] for i in infos})
+        for probe in sorted(exchange.glob("score-*.json")):
+            entry = json.loads(probe.read_text(encoding="utf-8"))
+            state.scores[str(entry["client"])] = entry["quality_score"]
         if rnd == fed.upgrade_after_round:
             scores = {int(k): v for k, v in state.scores.items()}
             state.ranks = quality_upgrade(state.ranks, scores, high_rank=fed.high_rank, fraction=fed.upgrade_fraction)

@@ -48,7 +48,7 @@ class RunState:
 
     def save(self, output_dir: str | os.PathLike) -> None:
         """Write ``state.json`` atomically (temp file + ``os.replace``)."""
-        _atomic_write_text(Path(output_dir) / STATE_NAME, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(Path(output_dir) / STATE_NAME, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> "RunState | None":
@@ -73,7 +73,8 @@ class RunState:
             )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -131,7 +132,7 @@ def truncate_records(output_dir: str | os.PathLike, up_to_round: int) -> list[di
     """Rewrite ``metrics.jsonl`` keeping only complete rounds; returns the kept records."""
     records = read_records(output_dir, up_to_round)
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    _atomic_write_text(Path(output_dir) / METRICS_NAME, text)
+    atomic_write_text(Path(output_dir) / METRICS_NAME, text)
     return records
 
 
@@ -141,6 +142,7 @@ __all__ = [
     "STATE_NAME",
     "RunState",
     "append_record",
+    "atomic_write_text",
     "read_records",
     "remove_stale_temporaries",
     "round_dir",
