@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 3,
+    "num-server-rounds": 4,
     "aggregation": "replication",  # any name from hf_fedlora.list_strategies()
     "client-ranks": "2,4,8,16",  # partition i gets rank ranks[i % len] unless its node config sets lora-rank
     "target-modules": "query,value",
@@ -31,10 +31,10 @@ DEFAULTS: dict[str, Any] = {
     "data-dir": "",  # folder with SST-2 train.tsv/dev.tsv; empty: ../../../shared/data/glue/SST-2
     "train-examples-per-client": 320,
     "eval-examples": 872,
-    "local-steps": 10,
-    "batch-size": 32,
+    "local-steps": 15,
+    "batch-size": 16,
     "max-length": 64,
-    "lr": 5e-4,
+    "lr": 3e-3,
     "seed": 0,
     "output-dir": "outputs/flower",
     "hub-repo-id": "",  # set to push every round with hf_fedlora.hub.push_round (token: HF_TOKEN)
