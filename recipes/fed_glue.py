@@ -54,7 +54,11 @@ def main(
 
 def parse(args: Sequence[str] | None = None) -> tuple:
     """``--config file.yaml`` plus command-line overrides into the four argument groups."""
-    return FedArgumentParser().parse_args_and_config(args)
+    summary = __doc__.split("Usage")[0].strip()
+    return FedArgumentParser(description=summary, epilog="Example: " + _EXAMPLE).parse_args_and_config(args)
+
+
+_EXAMPLE = "accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml --strategy zero_padding"
 
 
 if __name__ == "__main__":
