@@ -226,6 +226,35 @@ def final_test(preset: Preset, run_dir: Path, data_dir: Path, completed: int) ->
     return result
 
 
+def high_slots(preset: Preset, run_dir: Path, completed: int) -> dict[str, Any]:
+    """How much of the global update lives in rank slots beyond ``low_rank`` (the slots only the
+    rank-20 clients own), per round: ``sum_m ||B[:, r:] A[r:]|| / sum_m ||B A||`` over modules, and
+    the rounds after which those slots are exactly zero in every module (A and B both zero is a
+    stationary point: a client can no longer train them). Cached in ``high_slots.json``."""
+    from hf_fedlora import LoraAdapter
+
+    path = run_dir / "high_slots.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("round") == completed:
+            return cached
+    r, share, dead = preset.low_rank, [], []
+    for rnd in range(1, completed + 1):
+        adapter = LoraAdapter.from_pretrained(run_dir / f"round-{rnd:04d}")
+        total = high = 0.0
+        zero = True
+        for module in adapter.modules:
+            a, b = adapter.folded_factors(module)
+            total += float((b @ a).norm())
+            high += float((b[:, r:] @ a[r:]).norm()) if a.shape[0] > r else 0.0
+            zero = zero and not bool(a[r:].any()) and not bool(b[:, r:].any())
+        share.append(high / total if total else 0.0)
+        dead.append(zero)
+    result = {"round": completed, "low_rank": r, "share_per_round": share, "zero_after_rounds": [i + 1 for i, d in enumerate(dead) if d]}
+    write_json(path, result)
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # running
 
@@ -339,6 +368,7 @@ def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: P
         diag = run_diagnostic(preset, strategy, run_dir, data_dir)
         meta["diagnostic_seconds"] = round(meta.get("diagnostic_seconds", 0) + time.perf_counter() - start, 1)
         final = final_test(preset, run_dir, data_dir, completed_rounds(run_dir))
+        high_slots(preset, run_dir, completed_rounds(run_dir))
     meta["complete"] = True
     write_json(meta_path, meta)
     log(f"{name}: done; final test accuracy {final['accuracy']:.4f}, {len(diag)} diagnostic pairs")
@@ -367,6 +397,7 @@ def collect_run(preset: Preset, strategy: str, seed: int, workdir: Path) -> dict
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
     complete = bool(meta.get("complete")) and len(records) >= preset.rounds and final is not None \
         and final["round"] == len(records)
+    slots = high_slots(preset, run_dir, len(records)) if complete else None
     rounds = []
     for r in records[: preset.rounds]:
         clients = r["clients"]
@@ -386,6 +417,7 @@ def collect_run(preset: Preset, strategy: str, seed: int, workdir: Path) -> dict
         "diagnostic_seconds": meta.get("diagnostic_seconds"),
         "final_test_seconds": final["seconds"] if final else None,
         "extended_from": meta.get("extended_from"), "chunks": meta.get("chunks", []),
+        "high_slots": slots,
     }
 
 
@@ -430,6 +462,9 @@ def summarize_strategy(preset: Preset, runs: list[dict[str, Any]]) -> dict[str, 
             "worst_drop": max((d["before"] - d["after"] for d in diag), default=None),
             "first": diag[0] if diag else None,
         },
+        "high_slot_share_last_round": _mean([r["high_slots"]["share_per_round"][-1] for r in full if r.get("high_slots")]),
+        "high_slot_share_mean": _mean([_mean(r["high_slots"]["share_per_round"]) for r in full if r.get("high_slots")]),
+        "high_slots_zero_from_round": [min(r["high_slots"]["zero_after_rounds"], default=None) for r in full if r.get("high_slots")],
         "seconds_per_run": _mean([r["loop_seconds"] + (r["final_test_seconds"] or 0) + (r["diagnostic_seconds"] or 0)
                                   for r in full]),
     })
@@ -624,7 +659,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "### Post-aggregation diagnostic",
         "",
-        f"For every round after the upgrade and every sampled rank-{p['high_rank']} client: accuracy of its own "
+        f"For every round (after the upgrade, with `--rank-mode quality_upgrade`) and every sampled rank-{p['high_rank']} client: accuracy of its own "
         f"trained adapter (before aggregation) and of its rank-{p['high_rank']} view of that round's new global "
         "adapter (after; `to_rank` with the strategy's send-back method), both on the per-round test subset. "
         "The paper's example: 84.34% before, 38.95% after zero-padding, 82.11% after replication.",
@@ -641,6 +676,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"round {first['round']}, client {first['client']}: {_p(first['before'])} -> {_p(first['after'])}"])
     lines.append(markdown_table(["strategy", "pairs", "before %", "after %", "mean drop (points)", "worst drop",
                                  "first pair"], drows) if drows else "No high-rank client pairs.")
+    lines += [
+        "", f"### Rank slots {p['low_rank'] + 1}-{p['high_rank']} of the global adapter", "",
+        f"Share of the global update's norm in slots beyond rank {p['low_rank']} (those only rank-{p['high_rank']} "
+        f"clients own): sum over modules of ||B[:, {p['low_rank']}:] A[{p['low_rank']}:]|| / ||B A||, and the first "
+        "round after which those slots are exactly zero in every module. A slot with A and B both zero has zero "
+        "gradient, so once zero-padding aggregates a round with no rank-20 client, the rank-20 clients can never "
+        "train those slots again and effectively run at rank 5.", "",
+    ]
+    lines.append(markdown_table(
+        ["strategy", "share, mean over rounds", "share, last round", "slots exactly zero from round (per seed)"],
+        [[f"`{k}`", _p(v.get("high_slot_share_mean")), _p(v.get("high_slot_share_last_round")),
+          ", ".join("never" if x is None else str(x) for x in v.get("high_slots_zero_from_round", []))]
+         for k, v in scored.items() if not k.startswith("homogeneous")]))
     lines += ["", "### Accuracy per round (mean over complete seeds, %)", ""]
     n = max(len(v["curve_mean"]) for v in scored.values())
     lines.append(markdown_table(["round", *[f"`{k}`" for k in scored]],
@@ -701,8 +749,9 @@ def run_order(preset: Preset) -> list[tuple[int, str]]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--strategies", nargs="+", choices=ALL_STRATEGIES, help="override the preset's strategies")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    parser.add_argument("--strategies", nargs="+", choices=ALL_STRATEGIES,
+                        help="run only these of the preset's strategies now (the results still cover the whole preset)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the preset's seeds now")
     parser.add_argument("--rounds", type=int, help="override the preset's rounds")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "bench_convergence")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="AG News folder (train.tsv, test.tsv)")
@@ -724,8 +773,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     preset = PRESETS[args.preset]
     preset = dataclasses.replace(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                            (("strategies", args.strategies), ("seeds", args.seeds), ("rounds", args.rounds),
-                                             ("rank_mode", args.rank_mode))
+                                            (("rounds", args.rounds), ("rank_mode", args.rank_mode))
                                             if v is not None})
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     machine = {**machine_info(), "bench_threads": args.threads or None}
@@ -746,7 +794,12 @@ def main(argv: list[str] | None = None) -> dict:
                 write_json(notes_path, [f"{time.strftime('%Y-%m-%d %H:%M')}: {args.note}"])
         commands_path = preset_dir / "commands.json"
         write_json(commands_path, [*run_commands(args.workdir, preset), f"{time.strftime('%Y-%m-%d %H:%M')}: {command}"])
+        extra = sorted(set(args.strategies or []) - set(preset.strategies)) + sorted(set(args.seeds or []) - set(preset.seeds))
+        if extra:
+            raise SystemExit(f"{extra} are not in preset {preset.name!r}")
         for seed, strategy in run_order(preset):
+            if (args.strategies and strategy not in args.strategies) or (args.seeds and seed not in args.seeds):
+                continue
             if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
                 log("time budget reached; continue with --resume")
                 break
