@@ -34,6 +34,7 @@ from .data import TASKS, load_task
 from .model_card import render_model_card
 from .partition import make_partitioner
 from .plots import plot_history, summary_table
+from .publish import push_round_safely
 from .ranks import allocate_ranks, parse_rank_spec, quality_upgrade
 from .state import (
     EXCHANGE_DIR,
@@ -96,35 +97,6 @@ def _prepare_output(out: Path, fed_args: FederationArguments, accelerator: Any) 
         shutil.rmtree(out)
     accelerator.wait_for_everyone()
     return None
-
-
-def _push(fed_args: FederationArguments, folder: Path, round_index: int, card: dict, records: list) -> dict:
-    """Push a round with ``hf_fedlora.hub.push_round``; failures are reported, never raised."""
-    from accelerate.logging import get_logger
-
-    try:
-        from ..hub import push_round
-
-        history = [
-            {"round": r["round"], **{f"eval_{k}": v for k, v in r["eval"].items() if k != "score"},
-             "mean_loss": float(np.mean([c["loss"] for c in r["clients"]])), "cumulative_mb": r["cumulative_bytes"] / 1e6}
-            for r in records
-        ]
-        info = {k: card[k] for k in ("base_model", "strategy", "num_clients", "clients_per_round", "task", "dataset")}
-        commit = push_round(
-            folder, fed_args.hub_model_id, round_index, token=fed_args.hub_token, private=fed_args.hub_private,
-            card_info={**info, "rank_distribution": card["ranks"]}, metrics_history=history,
-        )
-        return {"ok": True, "commit": commit, "skipped": commit is None}
-    except Exception as exc:  # a network or auth failure must not lose the local round
-        message = f"{type(exc).__name__}: {exc}"
-        if fed_args.hub_token:
-            message = message.replace(fed_args.hub_token, "***")
-        get_logger(__name__).error(
-            f"pushing round {round_index} to '{fed_args.hub_model_id}' failed ({message}); the round is saved in "
-            f"'{folder}' and training continues. Push it later with `hf-fedlora push`."
-        )
-        return {"ok": False, "error": message}
 
 
 def _command(*groups: Any) -> str:
@@ -332,7 +304,7 @@ def _server_round(
         "seconds": timing, "strategy": run.strategy.name, "adapter": round_dir(out, rnd).name,
     }
     if fed.push_to_hub:
-        record["hub_push"] = _push(fed, round_dir(out, rnd), rnd, run.card(), [*records, record])
+        record["hub_push"] = push_round_safely(fed, round_dir(out, rnd), rnd, run.card(), [*records, record])
     timing["wall"] = round(time.perf_counter() - round_start, 3)
     append_record(out, record)
     state.completed_round = rnd
