@@ -348,7 +348,8 @@ def run_federation(
 
     accelerator = Accelerator(log_with=fed_args.report_to or None, project_dir=fed_args.output_dir)
     is_main = accelerator.is_main_process
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    threads = os.environ.get("OMP_NUM_THREADS", "")  # an explicit limit (shared machines, benchmarks) wins
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, (os.cpu_count() or 1) // accelerator.num_processes))
     saved = _prepare_output(Path(fed_args.output_dir), fed_args, accelerator)
     run = _setup(model_args, data_args, client_args, fed_args, accelerator)
     out = run.out
