@@ -154,7 +154,10 @@ def machine_info() -> dict[str, Any]:
             info["mem_total_gib"] = round(int(handle.readline().split()[1]) / MIB, 1)
     except OSError:
         pass
-    for name in ("peft", "safetensors"):
+    if torch.cuda.is_available():
+        info["accelerator"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    for name in ("peft", "safetensors", "transformers"):
         try:
             info[name] = __import__(name).__version__
         except ImportError:

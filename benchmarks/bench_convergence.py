@@ -159,8 +159,10 @@ def evaluator(preset: Preset, data_dir: Path) -> dict[str, Any]:
         task = load_task(DataArguments(task="ag_news", data_dir=str(data_dir), max_eval_samples=preset.final_eval_samples,
                                        max_seq_length=preset.max_seq_length))
         overrides = ModelArguments(model_config_overrides=preset.model_config_overrides).config_overrides()
+        import torch
+
         trainer = LocalTrainer(None, task.num_labels, lora_alpha=preset.lora_alpha, config_overrides=overrides,
-                               label_names=task.label_names)
+                               label_names=task.label_names, device="cuda" if torch.cuda.is_available() else "cpu")
         _EVAL.clear()
         _EVAL.update(key=key, trainer=trainer, metric=load_glue_metric(task.metric, keep_in_memory=True),
                      test=task.validation, subset=task.validation.select(range(min(preset.eval_samples, len(task.validation)))))
@@ -746,6 +748,19 @@ def run_order(preset: Preset) -> list[tuple[int, str]]:
     return [(sd, st) for sd in preset.seeds for st in first] + [(sd, st) for sd in preset.seeds for st in rest]
 
 
+def _job(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, threads: int | None) -> str:
+    """One run in a worker process of ``--jobs``."""
+    import torch
+
+    torch.set_num_threads(threads or 1)
+    run_one(preset, strategy, seed, workdir, data_dir, _log, threads=threads)
+    return run_name(strategy, seed)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_convergence {time.strftime('%H:%M:%S')} pid {os.getpid()}] {msg}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -766,7 +781,14 @@ def main(argv: list[str] | None = None) -> dict:
                              "5-10x slower; 0: every core, as the recipe does)")
     parser.add_argument("--note", help="a line about this invocation to keep on the results page (e.g. what was interrupted)")
     parser.add_argument("--max-minutes", type=float, help="start no new run after this many minutes")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process with --threads threads (e.g. 8 on a 16-core "
+                             "GPU machine: the runs share the GPU)")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPU when there is one (training, evaluation); cpu: never the GPU")
     args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     import torch
 
@@ -797,9 +819,11 @@ def main(argv: list[str] | None = None) -> dict:
         extra = sorted(set(args.strategies or []) - set(preset.strategies)) + sorted(set(args.seeds or []) - set(preset.seeds))
         if extra:
             raise SystemExit(f"{extra} are not in preset {preset.name!r}")
-        for seed, strategy in run_order(preset):
-            if (args.strategies and strategy not in args.strategies) or (args.seeds and seed not in args.seeds):
-                continue
+        todo = [(seed, strategy) for seed, strategy in run_order(preset)
+                if not (args.strategies and strategy not in args.strategies) and not (args.seeds and seed not in args.seeds)]
+        if args.jobs > 1:
+            _run_parallel(args, preset, todo, started, command, machine, log)
+        for seed, strategy in todo if args.jobs <= 1 else []:
             if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
                 log("time budget reached; continue with --resume")
                 break
@@ -808,6 +832,36 @@ def main(argv: list[str] | None = None) -> dict:
     report = write_report(preset, args.workdir, args.out, command, started, machine)
     log(f"wrote {args.out / f'convergence_{preset.name}.md'}")
     return report
+
+
+def _run_parallel(args: argparse.Namespace, preset: Preset, todo: list[tuple[int, str]], started: float,
+                  command: str, machine: dict, log: Any) -> None:
+    """``todo`` in ``args.jobs`` worker processes; the results page is rewritten as each run ends."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        pending = {pool.submit(_job, preset, strategy, seed, args.workdir, args.data_dir, args.threads or None)
+                   for seed, strategy in todo}
+        failed = []
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.cancelled():
+                    continue
+                if future.exception() is not None:
+                    failed.append(repr(future.exception()))
+                    log(f"a run failed: {failed[-1]}")
+                else:
+                    log(f"{future.result()} finished")
+            write_report(preset, args.workdir, args.out, command, started, machine)
+            if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
+                log("time budget reached: cancelling the runs not yet started; continue with --resume")
+                for future in pending:
+                    future.cancel()
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {failed}")
 
 
 if __name__ == "__main__":

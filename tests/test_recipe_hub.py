@@ -8,7 +8,7 @@ import hashlib
 import hub_server
 import pytest
 from hub_server import HUB_TOKEN, LocalHub
-from test_recipe_fed_glue import _args, _run, tiny_model_dir  # noqa: F401
+from test_recipe_fed_glue import _args, _run
 
 from hf_fedlora.hub import list_rounds, pull_round
 
@@ -26,7 +26,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path):  # noqa: F811
+def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path):  
     out = tmp_path / "run"
     options = dict(push_to_hub=True, hub_model_id=REPO, hub_token=HUB_TOKEN)
     _run(_args(tiny_model_dir, shared_data, out, rounds=1, **options))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT
-from test_recipe_fed_glue import _args, _records, _run, _tensors, baseline, tiny_model_dir  # noqa: F401
+from test_recipe_fed_glue import _args, _records, _run, _tensors, baseline  # noqa: F401
 
 import hf_fedlora as hfl
 from hf_fedlora import LoraAdapter

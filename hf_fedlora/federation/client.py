@@ -114,6 +114,8 @@ class LocalTrainer:
         config_overrides (`dict`, *optional*): model config overrides, e.g. ``{"num_hidden_layers": 2}``.
         trust_remote_code (`bool`, *optional*, defaults to False): allow custom model code.
         label_names (`list[str]`, *optional*): written into the model config's ``id2label``.
+        device (`str` or `torch.device`, *optional*, defaults to ``"cpu"``): where the model trains and
+            predicts (the recipe passes ``Accelerator().device``). Adapters always come back on the CPU.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class LocalTrainer:
         config_overrides: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         label_names: Sequence[str] | None = None,
+        device: str | torch.device | None = None,
     ):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -160,7 +163,8 @@ class LocalTrainer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             base.config.pad_token_id = self.tokenizer.pad_token_id
-        self._base = base
+        self.device = torch.device(device or "cpu")
+        self._base = base.to(self.device)
         self.model: Any = None  # the PeftModel, created with the first adapter slot
 
     def lora_config(self, rank: int) -> Any:
@@ -205,7 +209,7 @@ class LocalTrainer:
                 state[key] = torch.zeros_like(tensor)
             else:
                 state[key] = torch.randn(tensor.shape, generator=generator) * 0.02
-        state = {k: v.to(template.state_dict()[k].dtype) for k, v in state.items()}
+        state = {k: v.to(template.state_dict()[k].dtype) for k, v in state.items()}  # on the CPU, like every adapter
         return LoraAdapter.from_state_dict(template.config, state, label=f"initial adapter (rank {rank})")
 
     def load(self, view: LoraAdapter, rank: int | None = None) -> str:
@@ -247,7 +251,7 @@ class LocalTrainer:
         encoded = self.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         dtype = torch.float32 if self.is_regression else torch.long
         encoded["labels"] = torch.as_tensor(split.labels[list(indices)], dtype=dtype)
-        return dict(encoded)
+        return {k: v.to(self.device, non_blocking=True) for k, v in encoded.items()}
 
     def train(
         self,
@@ -304,7 +308,7 @@ class LocalTrainer:
             batch.pop("labels")
             logits = self.model(**batch).logits
             out.append(logits.squeeze(-1) if self.is_regression else logits.argmax(-1))
-        return torch.cat(out).numpy()
+        return torch.cat(out).cpu().numpy()
 
     def evaluate(
         self, adapter: LoraAdapter, split: TextSplit, metric: Any, batch_size: int = 64, max_length: int = 128
@@ -344,6 +348,7 @@ def train_client(
     send_back: str = "truncate",
     config_overrides: dict[str, Any] | None = None,
     trainer: LocalTrainer | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[LoraAdapter, dict[str, float]]:
     """Train one client's LoRA adapter locally and return it with its metrics.
 
@@ -366,6 +371,7 @@ def train_client(
             model and LoRA settings (part of the cache key).
         send_back: ``"truncate"`` or ``"svd"``, how a larger global adapter is cut to ``rank``.
         trainer: use this :class:`LocalTrainer` instead of the cached one.
+        device: where to train (default the CPU); part of the cache key.
 
     Returns:
         ``(adapter, metrics)``: the trained adapter (in memory, ``num_examples`` set) and a dict with
@@ -380,6 +386,7 @@ def train_client(
         use_rslora=use_rslora,
         is_regression=is_regression,
         config_overrides=config_overrides,
+        device=str(device or "cpu"),
     )
     if adapter_view is not None:
         adapter_view = trainer.client_view(adapter_view, rank, method=send_back, seed=seed)

@@ -184,7 +184,7 @@ def _setup(model_args, data_args, client_args, fed_args, accelerator) -> _Run:
         model_args.model_name_or_path, task.num_labels, target_modules=client_args.target_modules,
         lora_alpha=client_args.lora_alpha, lora_dropout=client_args.lora_dropout, use_rslora=client_args.use_rslora,
         is_regression=task.is_regression, config_overrides=model_args.config_overrides(),
-        trust_remote_code=model_args.trust_remote_code, label_names=task.label_names,
+        trust_remote_code=model_args.trust_remote_code, label_names=task.label_names, device=accelerator.device,
     )
     return _Run(
         model_args, data_args, client_args, fed_args, accelerator, Path(fed_args.output_dir), task,
