@@ -4,12 +4,14 @@ Runs the recipe's federation (``hf_fedlora.federation.run_federation``, in-proce
 the embedded all-MiniLM-L6-v2, once per (strategy, seed), with the seed paper's setup scaled to CPU:
 100 clients, 10 sampled per round, one local epoch, 10% class-balanced ("high-quality") clients and a
 Dirichlet(0.5) label skew for the rest; the class-balanced clients train at rank 20 and the rest at rank 5
-(what the paper's quality upgrade aims at; the recipe's own ``quality_upgrade`` is ``--rank-mode
-quality_upgrade``, see ``Preset.rank_mode`` for why it is not the default). Heterogeneous strategies: replication,
+(what the paper's quality upgrade aims at); preset ``paper`` (and ``--rank-mode quality_upgrade``) runs the
+upgrade itself: everyone at rank 5, every client scored after round 1, the top 10% moved to rank 20. Heterogeneous strategies: replication,
 zero_padding, hetlora, flexlora, stacking; baselines: homogeneous rank 5 and rank 20 (fedavg).
 
     python benchmarks/bench_convergence.py --preset quick          # replication vs zero_padding, 1 seed
     python benchmarks/bench_convergence.py --preset full --resume  # all strategies, 3 seeds, 30 rounds
+    python benchmarks/bench_convergence.py --preset paper --resume # the paper's rank upgrade, 3 seeds
+    python benchmarks/bench_convergence.py --preset full --jobs 8 --threads 2  # on a 16-core GPU machine
     python benchmarks/bench_convergence.py --preset full --report-only   # rewrite the results pages
 
 Measured per run: accuracy of the global adapter on a fixed test subset after every round, the final
@@ -82,8 +84,8 @@ class Preset:
     model_config_overrides: str | None = None
     # "high_quality_clients": the class-balanced clients (ids 0..ceil(high_quality_fraction * N) - 1, as
     # the `high_quality` partition places them) train at high_rank from round 1, the rest at low_rank.
-    # "quality_upgrade": the recipe's upgrade, which ranks only the clients scored in rounds up to
-    # upgrade_after_round (10 after round 1), so upgrade_fraction 0.1 gives ONE rank-20 client of 100.
+    # "quality_upgrade": the paper's protocol, the recipe's upgrade with quality_scoring "all": every client is
+    # scored after round upgrade_after_round and the top upgrade_fraction move to high_rank.
     rank_mode: str = "high_quality_clients"
     targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85)
 
@@ -99,6 +101,9 @@ PRESETS = {
                     model_config_overrides="num_hidden_layers=1", targets=(0.3, 0.5)),
     "quick": Preset("quick", strategies=("replication", "zero_padding"), seeds=(0,), rounds=10),
     "full": Preset("full", strategies=ALL_STRATEGIES, seeds=(0, 1, 2), rounds=30),
+    # the paper's own protocol: everyone at rank 5, every client scored after round 1, the top 10% upgraded to 20
+    "paper": Preset("paper", strategies=("replication", "zero_padding", "hetlora"), seeds=(0, 1, 2), rounds=30,
+                    rank_mode="quality_upgrade"),
 }
 
 
@@ -328,6 +333,12 @@ def _add_new_recipe_options(preset: Preset, strategy: str, seed: int, run_dir: P
     return added
 
 
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
 def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, log: Any,
             threads: int | None = None) -> None:
     """Run (or resume, or extend) one (strategy, seed) run, then its diagnostic and final test."""
@@ -362,6 +373,7 @@ def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: P
         with capped_threads(threads):
             run_federation(*args)
         meta.setdefault("chunks", []).append({"from_round": done + 1, "to_round": preset.rounds, "threads": threads,
+                                              "device": _device_name(),
                                               "seconds": round(time.perf_counter() - start, 1),
                                               "load_average_after": list(os.getloadavg())})
         write_json(meta_path, meta)
@@ -589,10 +601,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Setup",
         "",
-        f"- Machine: {m['cpu_count']} CPU cores ({m['processor']}), {m.get('mem_total_gib')} GiB, torch {m['torch']} "
-        f"with {m['torch_threads']} threads, no GPU; shared with another engineer's work. Load average when this "
-        f"invocation started: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'] or [])}; "
-        f"at the end: {', '.join(f'{x:.2f}' for x in report.get('load_average_at_end') or [])}.",
+        f"- Machine: {m['cpu_count']} CPU cores ({m['processor']}), {m.get('mem_total_gib')} GiB, torch {m['torch']}"
+        + (f", transformers {m['transformers']}" if m.get("transformers") else "")
+        + (f", GPU {m['accelerator']} (CUDA {m.get('cuda')}): local training and evaluation on the GPU"
+           if m.get("accelerator") else f" with {m['torch_threads']} threads, no GPU")
+        + (f"; {m['jobs']} runs at a time" if (m.get("jobs") or 1) > 1 else "")
+        + f". Load average when this invocation started: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'] or [])}; "
+        f"at the end: {', '.join(f'{x:.2f}' for x in report.get('load_average_at_end') or [])}."
+        + (f" Devices the runs trained on: {', '.join(sorted(report['devices']))}." if report.get("devices") else ""),
         f"- Compute time of the complete runs (federation loop + diagnostic + final test): "
         f"{report['compute_seconds_complete'] / 60:.1f} min in total; this invocation's wall time: "
         f"{report['invocation_seconds'] / 60:.1f} min.",
@@ -607,16 +623,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Federation: {p['num_clients']} clients (partition `high_quality`: {p['high_quality_fraction']:.0%} class-balanced, "
         f"Dirichlet({p['dirichlet_alpha']}) for the rest), {p['clients_per_round']} sampled per round, {p['rounds']} rounds, "
         f"one local epoch (batch {p['batch_size']}, AdamW lr {p['learning_rate']:g}, constant), seeds {list(p['seeds'])}.",
-        (f"- Ranks: heterogeneous strategies start every client at rank {p['low_rank']}; after round "
-         f"{p['upgrade_after_round']} the top {p['upgrade_fraction']:.0%} of the scored clients move to rank {p['high_rank']} "
-         "(the recipe's `quality_upgrade`). " if p.get("rank_mode") == "quality_upgrade" else
+        (f"- Ranks: heterogeneous strategies start every client at rank {p['low_rank']}; in round "
+         f"{p['upgrade_after_round']} every one of the {p['num_clients']} clients trains once and is scored on "
+         f"{p['quality_eval_samples']} validation rows (only the sampled ones are aggregated), and the top "
+         f"{p['upgrade_fraction']:.0%} move to rank {p['high_rank']} (the paper's protocol: the recipe's `quality_upgrade` "
+         "with `quality_scoring all`). " if p.get("rank_mode") == "quality_upgrade" else
          f"- Ranks: the {math.ceil(p['high_quality_fraction'] * p['num_clients'])} class-balanced clients train at rank "
-         f"{p['high_rank']} from round 1, the others at rank {p['low_rank']} (a fixed rank list; the paper's upgrade "
-         "is meant to find exactly these clients). The recipe's `quality_upgrade` with `upgrade_fraction 0.1` was "
-         "tried first and is not used: it ranks only the clients scored before the upgrade (in the quick/full setup: "
-         "the 10 sampled in round 1), so it gave ONE rank-20 client of 100 (seed 0: client 23, a Dirichlet client; its round-1 "
-         "scores were 0.19-0.37, near chance for 4 classes), sampled in 1 of rounds 2-10, which leaves "
-         "replication and zero-padding identical in almost every round. `--rank-mode quality_upgrade` runs it. ")
+         f"{p['high_rank']} from round 1, the others at rank {p['low_rank']} (a fixed rank list: what the paper's upgrade "
+         "is meant to find; preset `paper` runs the upgrade itself). ")
         + "Baselines `homogeneous_r5` / `homogeneous_r20`: every client at that rank, `fedavg`.",
         "- Pairing: the split, the client sampling and every client's shuffling and dropout are seeded from "
         "(seed, round, client), so runs with the same seed differ only in the strategy.",
@@ -705,7 +719,8 @@ def run_commands(workdir: Path, preset: Preset) -> list[str]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def write_report(preset: Preset, workdir: Path, out: Path, command: str, started: float, machine: dict) -> dict:
+def write_report(preset: Preset, workdir: Path, out: Path, command: str, started: float, machine: dict,
+                 report_only: bool = False) -> dict:
     runs = {}
     for strategy in preset.strategies:
         for seed in preset.seeds:
@@ -713,6 +728,7 @@ def write_report(preset: Preset, workdir: Path, out: Path, command: str, started
             if r is not None:
                 runs[run_name(strategy, seed)] = r
     summary = summarize_all(preset, runs)
+    devices = sorted({c["device"] for r in runs.values() for c in r["chunks"] if c.get("device")})
     notes_path = workdir / preset.name / "notes.json"
     report = {
         "notes": json.loads(notes_path.read_text()) if notes_path.is_file() else [],
@@ -724,8 +740,12 @@ def write_report(preset: Preset, workdir: Path, out: Path, command: str, started
         "invocation_seconds": round(time.perf_counter() - started, 1),
         "compute_seconds_complete": round(sum(r["loop_seconds"] + (r["final_test_seconds"] or 0) + (r["diagnostic_seconds"] or 0)
                                               for r in runs.values() if r["complete"]), 1),
-        "runs": runs, "summary": summary,
+        "runs": runs, "summary": summary, "devices": devices,
     }
+    previous = out / f"convergence_{preset.name}.json"
+    if report_only and previous.is_file():  # the page describes the invocation that ran the runs, not this one
+        kept = json.loads(previous.read_text())
+        report.update({k: kept[k] for k in ("machine", "load_average_at_end", "command", "invocation_seconds") if k in kept})
     done_rounds = [r["seconds"]["wall"] for run in runs.values() for r in run["rounds"]]
     planned = len(preset.strategies) * len(preset.seeds) * preset.rounds
     per_round = _mean(done_rounds)
@@ -798,7 +818,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             (("rounds", args.rounds), ("rank_mode", args.rank_mode))
                                             if v is not None})
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    machine = {**machine_info(), "bench_threads": args.threads or None}
+    machine = {**machine_info(), "bench_threads": args.threads or None, "jobs": args.jobs}
     command = "python benchmarks/bench_convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log = lambda msg: print(f"[bench_convergence {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     notes_path = args.workdir / preset.name / "notes.json"
@@ -829,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             run_one(preset, strategy, seed, args.workdir, args.data_dir, log, threads=args.threads or None)
             write_report(preset, args.workdir, args.out, command, started, machine)
-    report = write_report(preset, args.workdir, args.out, command, started, machine)
+    report = write_report(preset, args.workdir, args.out, command, started, machine, report_only=args.report_only)
     log(f"wrote {args.out / f'convergence_{preset.name}.md'}")
     return report
 

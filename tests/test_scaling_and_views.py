@@ -86,3 +86,25 @@ def test_to_rank_above_module_rank_pads_trainable_slots_without_changing_the_upd
     assert torch.count_nonzero(a[2:]) > 0  # random A, so the new slots get gradients
     assert torch.count_nonzero(b[:, 2:]) == 0
     torch.testing.assert_close(view.delta_weight(QUERY0), merged.delta_weight(QUERY0), rtol=1e-5, atol=1e-6)
+
+
+def test_svd_view_of_a_rank_deficient_update_keeps_every_slot_trainable(make_adapter):
+    """An SVD view of an update of rank k < r has r - k zero singular values; those slots must come
+    out as PEFT's initialisation (random A, zero B), not A = B = 0, from which LoRA never trains."""
+    untrained = LoraAdapter.from_pretrained(make_adapter("a", 4, 8, seed=1)).to_rank(4, lora_alpha=8)
+    state = untrained.state_dict()
+    zero_b = {k: (torch.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in state.items()}
+    fresh = LoraAdapter.from_state_dict(untrained.config, zero_b)  # like round 0: random A, B = 0
+    partial = aggregate_adapters([make_adapter("b", 2, 4, seed=2)]).to_rank(4, lora_alpha=4)  # rank 2 of 4
+
+    for adapter, rank_of_update in [(fresh, 0), (partial, 2)]:
+        view = adapter.to_rank(3, lora_alpha=6, method="svd", seed=5)
+        for module in view.modules:
+            a, b = view.lora_factors(module)
+            assert a.shape[0] == 3
+            assert bool((a.abs().sum(dim=1) > 0).all()), f"{module}: a slot with A = 0"
+            assert bool((b[:, rank_of_update:] == 0).all())
+            assert float(a[rank_of_update:].abs().max()) <= 1.0 / a.shape[1] ** 0.5  # PEFT's kaiming-uniform bound
+            u, s, vh = torch.linalg.svd(adapter.delta_weight(module).double())
+            best = (u[:, :3] * s[:3]) @ vh[:3]
+            torch.testing.assert_close(view.delta_weight(module).double(), best, rtol=1e-4, atol=1e-6)

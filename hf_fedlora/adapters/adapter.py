@@ -272,7 +272,9 @@ class LoraAdapter:
         Factors are unfolded to the client's scale (``lora_alpha / rank``, or ``/ sqrt(rank)`` with
         rsLoRA) so that, loaded with the returned config, PEFT applies the same update (up to the
         dropped slots). Slots beyond a module's rank get PEFT's initialisation (random A, zero B),
-        which changes nothing in the update but lets the client train them.
+        which changes nothing in the update but lets the client train them; so do the directions an
+        ``"svd"`` view finds empty (singular value zero, e.g. every slot of an untrained adapter),
+        which would otherwise come out as A = B = 0, a point where LoRA's gradient vanishes.
 
         Args:
             rank: the client's LoRA rank.
@@ -295,9 +297,15 @@ class LoraAdapter:
         state: dict[str, torch.Tensor] = {}
         for module in self.modules:
             a, b = self.folded_factors(module)
+            empty = None
             if method == "svd":
                 a, b = factored_svd([b], [a], min(rank, a.shape[0]))
+                empty = _empty_directions(a, b)
             a, b = unfold(pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale)
+            if empty is not None and empty.any():
+                a, b = a.clone(), b.clone()
+                a[empty] = (torch.rand(int(empty.sum()), a.shape[1], generator=generator) * 2 - 1) / math.sqrt(a.shape[1])
+                b[:, empty] = 0
             if a.shape[0] < rank:
                 bound = 1.0 / math.sqrt(a.shape[1])
                 fresh = (torch.rand(rank - a.shape[0], a.shape[1], generator=generator) * 2 - 1) * bound
@@ -323,6 +331,13 @@ class LoraAdapter:
     def __repr__(self) -> str:
         ranks = sorted(set(self.ranks.values()))
         return f"LoraAdapter({self.label!r}, modules={len(self.modules)}, ranks={ranks}, extras={len(self.extras)})"
+
+
+def _empty_directions(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Which slots of an SVD factor pair (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) carry a singular
+    value of (numerically) zero: ``||A_k|| ||B_k|| = s_k <= rtol * max(s)``."""
+    strength = a.norm(dim=1) * b.norm(dim=0)
+    return strength <= rtol * strength.max() if strength.numel() else strength.bool()
 
 
 def _load_pickle(path: Path, label: str) -> MemoryStore:
