@@ -126,6 +126,20 @@ def test_existing_output_is_refused_and_resume_checks_options(baseline, tiny_mod
         _run(_args(tiny_model_dir, shared_data, baseline, resume=True, strategy="zero_padding"))
 
 
+def test_a_run_saved_before_an_option_existed_resumes(baseline, tiny_model_dir, shared_data, tmp_path):
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(baseline, old)
+    state = json.loads((old / "state.json").read_text())
+    del state["fingerprint"]["quality_scoring"], state["fingerprint"]["clip_update_norm"]  # options added later
+    (old / "state.json").write_text(json.dumps(state))
+    result = _run(_args(tiny_model_dir, shared_data, old, resume=True, rounds=3))  # one more round
+    assert [r["round"] for r in result.records] == [1, 2, 3]
+    with pytest.raises(ValueError, match="`quality_scoring`: saved 'sampled', now 'all'"):
+        _run(_args(tiny_model_dir, shared_data, old, resume=True, rounds=4, quality_scoring="all"))
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch):
     import hf_fedlora.federation.loop as loop
 
@@ -314,3 +328,20 @@ def test_quality_scoring_all_probes_every_client_but_aggregates_the_sampled(tiny
     scores = {int(k): v for k, v in state["scores"].items()}
     upgraded = sorted(scores, key=lambda c: (-scores[c], c))[:3]  # ceil(0.34 * 6) = 3
     assert sorted(c for c, r in enumerate(state["ranks"]) if r == 6) == sorted(upgraded)
+
+
+def test_resume_treats_options_newer_than_the_saved_run_as_defaults(tmp_path):
+    from hf_fedlora.federation.state import RunState
+
+    saved = RunState(ranks=[4, 8], fingerprint={"strategy": "replication", "rounds_seen": 1})
+    defaults = {"quality_scoring": "sampled", "strategy": "replication"}
+    # an option the old run did not record, at its default: resumable
+    saved.check_resumable({"strategy": "replication", "rounds_seen": 1, "quality_scoring": "sampled"}, tmp_path, defaults)
+    # the same option changed from its default, or another recorded option changed: refused, each named
+    with pytest.raises(ValueError, match=r"`quality_scoring`: saved 'sampled', now 'all'"):
+        saved.check_resumable({"strategy": "replication", "rounds_seen": 1, "quality_scoring": "all"}, tmp_path, defaults)
+    with pytest.raises(ValueError, match=r"`strategy`: saved 'replication', now 'flexlora'"):
+        saved.check_resumable({"strategy": "flexlora", "rounds_seen": 1}, tmp_path, defaults)
+    # an option with no known default that the old run did not record: refused
+    with pytest.raises(ValueError, match=r"`brand_new`: saved '\(absent\)', now 3"):
+        saved.check_resumable({"strategy": "replication", "rounds_seen": 1, "brand_new": 3}, tmp_path, defaults)

@@ -82,6 +82,21 @@ def _fingerprint(model_args, data_args, client_args, fed_args) -> dict[str, Any]
     return json.loads(json.dumps({**asdict(model_args), **asdict(data_args), **asdict(client_args), **fed}))
 
 
+def _default_fingerprint(run: "_Run") -> dict[str, Any]:
+    """Each option's default value, as :func:`_fingerprint` writes values (for runs saved before an
+    option existed)."""
+    from dataclasses import MISSING, fields
+
+    defaults = {}
+    for group in (run.model_args, run.data_args, run.client_args, run.fed_args):
+        for f in fields(group):
+            if f.default is not MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                defaults[f.name] = f.default_factory()
+    return json.loads(json.dumps(defaults, default=str))
+
+
 def _prepare_output(out: Path, fed_args: FederationArguments, accelerator: Any) -> RunState | None:
     """Check the output folder (every process), clear it if asked (main), and return a saved state."""
     state = RunState.load(out)
@@ -202,7 +217,7 @@ def _initial_state(run: _Run, saved: RunState | None) -> RunState:
     fed = run.fed_args
     fingerprint = _fingerprint(run.model_args, run.data_args, run.client_args, fed)
     if saved is not None:
-        saved.check_resumable(fingerprint, run.out)
+        saved.check_resumable(fingerprint, run.out, defaults=_default_fingerprint(run))
         return saved
     ranks = (
         [fed.low_rank] * fed.num_clients if fed.quality_upgrade else allocate_ranks(fed.ranks, fed.num_clients, seed=fed.seed)

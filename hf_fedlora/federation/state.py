@@ -58,13 +58,24 @@ class RunState:
             return None
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
-    def check_resumable(self, fingerprint: dict[str, Any], output_dir: str | os.PathLike) -> None:
+    def check_resumable(
+        self, fingerprint: dict[str, Any], output_dir: str | os.PathLike, defaults: dict[str, Any] | None = None
+    ) -> None:
         """Refuse to resume with options that would change the result.
+
+        An option the saved run does not list (it was added to the recipe later) counts as having
+        been at its value in ``defaults``, so a run saved by an older version resumes as long as
+        the new option stays at its default.
 
         Raises:
             ValueError: listing each option whose value differs from the saved run's.
         """
-        changed = {k: (self.fingerprint.get(k), v) for k, v in fingerprint.items() if self.fingerprint.get(k) != v}
+        missing = object()
+        saved = {**{k: v for k, v in (defaults or {}).items() if k not in self.fingerprint}, **self.fingerprint}
+        changed = {
+            k: (saved.get(k, missing), v) for k, v in fingerprint.items() if saved.get(k, missing) != v
+        }
+        changed = {k: ("(absent)" if old is missing else old, new) for k, (old, new) in changed.items()}
         if changed:
             detail = ", ".join(f"`{k}`: saved {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
             raise ValueError(
