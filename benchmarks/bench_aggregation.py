@@ -510,7 +510,7 @@ def render_markdown(report: dict) -> str:
                 "provenance hashing patched out by the benchmark. Peak memory is above the baseline of an "
                 "interpreter that imported torch and hf_fedlora; `bound` = output + one module's inputs in float32.", ""]
         header = ["clients", "strategy", "median s", "min s", "x I/O floor", "no sha256: s (x floor)",
-                  "sha256 share", "peak anon", "ru_maxrss", "anon / bound", "tensor bytes (mmap)", "read() bytes",
+                  "sha256 share", "peak anon", "ru_maxrss", "anon / bound", "tensor bytes", "read() bytes",
                   "vs PEFT svd", "vs PEFT cat"]
         table = []
         for r in s["rows"]:
@@ -578,18 +578,17 @@ def render_markdown(report: dict) -> str:
 
 
 NOTES = [
-    "The machine is shared: other engineers run tests on the same 2 cores, so timings are noisy; every case "
-    "is repeated and the minimum (least disturbed) and the median are reported, and every ratio is measured "
-    "in the same run.",
+    "Every case is repeated; the minimum (least disturbed) and the median are reported, and every ratio is "
+    "measured in the same run. The machine line gives the load average when the run started.",
     "The I/O floor is warm-cache: the inputs were just written (or read) and sit in the page cache, as they do "
     "for every strategy timed after them; no case reads from the disk itself (see `storage_read_bytes_first_run`).",
     "The I/O floor is safetensors `safe_open` + `get_tensor` of every tensor, copied into process memory "
     "(`clone()`, since `get_tensor` can return a view of the mapped file).",
-    "`tensor bytes` are read through mmap (safetensors maps the files), which `/proc/self/io` does not count; "
-    "`read() bytes` is what went through read() calls, i.e. mostly the sha256 pass over every file.",
-    "`ru_maxrss` counts the mmapped file pages that were touched, which the kernel can reclaim and which grow "
-    "with the total input size while the adapters stay open; `peak anon` (sampled every 2 ms) is the memory "
-    "the process owns.",
+    "`tensor bytes` is the size of every input tensor, which each strategy reads once with positioned reads "
+    "(`readinto`, no memory map); `read() bytes` is everything read through read() calls: those tensor reads "
+    "plus the sha256 pass over every file for the provenance record.",
+    "`ru_maxrss` is the growth of the process's peak resident set over the baseline; `peak anon` (sampled every "
+    "2 ms) is the anonymous memory the process owns.",
     "PEFT times cover `add_weighted_adapter` only (adapters already loaded into a PeftModel holding just the "
     "sampled Linear layers) and are EXTRAPOLATED linearly from the stated modules to all modules.",
     "Each strategy, I/O floor and PEFT case ran in a fresh subprocess (except the in-process `smoke` preset).",
@@ -609,8 +608,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the generated inputs (and partial results)")
     parser.add_argument("--resume", action="store_true", help="reuse case results saved by an interrupted run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only re-render aggregation.md from aggregation.json (with the current notes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report_only:
+        report = json.loads((args.out / "aggregation.json").read_text())
+        for run in report.get("presets", {}).values():
+            run["notes"] = NOTES
+        write_json(args.out / "aggregation.json", report)
+        (args.out / "aggregation.md").write_text(render_markdown(report), encoding="utf-8")
+        return report
     if args.child:
         spec = json.loads(args.child)
         write_child_result(CASES[spec["kind"]](spec))
