@@ -83,6 +83,12 @@ def _output_dtype(adapters: Sequence[LoraAdapter], dtype: torch.dtype | None) ->
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
+def _name_non_finite_input(adapters: Sequence[LoraAdapter], module: str) -> None:
+    """Raise ``NonFiniteTensorError`` for the first client whose factors of ``module`` hold NaN/Inf."""
+    for adapter in adapters:
+        adapter.lora_factors(module)
+
+
 def _check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
     if strategy.supports_heterogeneous_ranks:
         return
@@ -163,8 +169,11 @@ def aggregate_adapters(
     out_dtype = _output_dtype(adapters, dtype)
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    max_ranks = [max(a.ranks.values()) for a in adapters]
+    # a NaN or Inf that reaches the merged module is caught there, in one check per module
+    check_inputs = not strategy.reads_every_value(max_ranks, target_rank)
     for module in tqdm(adapters[0].modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module"):
-        folded = [a.folded_factors(module) for a in adapters]
+        folded = [a.folded_factors(module, check_finite_values=check_inputs) for a in adapters]
         inputs = ModuleInputs(
             name=module,
             a=[f[0] for f in folded],
@@ -173,7 +182,14 @@ def aggregate_adapters(
             target_rank=target_rank,
             previous=prior.folded_factors(module) if prior is not None else None,
         )
-        a, b = strategy.aggregate_module(inputs)
+        try:
+            a, b = strategy.aggregate_module(inputs)
+        except RuntimeError:  # e.g. an SVD that does not converge on non-finite input
+            if not check_inputs:
+                _name_non_finite_input(adapters, module)
+            raise
+        if not check_inputs and not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
+            _name_non_finite_input(adapters, module)  # returns if every input is finite (the sum overflowed)
         a_shape, b_shape = adapters[0].factor_shapes(module)
         ranks[module] = a.shape[0]
         state[lora_a_key(module)] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()

@@ -83,3 +83,28 @@ def test_failed_save_leaves_no_partial_output(make_adapter, tmp_path, monkeypatc
     with pytest.raises(OSError):
         merged.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("strategy", hfl.list_strategies())
+@pytest.mark.parametrize("target_rank", [None, 2])
+def test_non_finite_client_is_named_by_every_strategy(strategy, target_rank, tmp_path):
+    """Rules that carry every input value into the result check each merged module once and look for
+    the culprit only then; the others (or a ``target_rank`` that cuts clients) check every input.
+    Either way the NaN client is named, even when the NaN sits in a slot the output does not keep."""
+    import torch
+    from conftest import write_peft_adapter
+    from safetensors.torch import load_file, save_file
+
+    ranks = (4, 4) if strategy == "fedavg" else (2, 4)
+    good = write_peft_adapter(tmp_path / "good", ranks[0], 8, seed=1)
+    bad = write_peft_adapter(tmp_path / "bad", ranks[1], 8, seed=2)
+    path = bad / "adapter_model.safetensors"
+    state = load_file(str(path))
+    key = sorted(k for k in state if k.endswith("lora_A.weight"))[-1]  # the last module, a late slot
+    state[key][-1, 0] = float("nan")
+    save_file(state, str(path))
+    if strategy == "stacking" and target_rank is not None:
+        pytest.skip("stacking has no target rank")
+    with pytest.raises(hfl.NonFiniteTensorError, match=r"client 1 .*" + key.replace(".", r"\.")):
+        hfl.aggregate_adapters([good, bad], strategy=strategy, target_rank=target_rank)
+    assert torch.isfinite(load_file(str(good / "adapter_model.safetensors"))[key]).all()

@@ -193,20 +193,22 @@ class LoraAdapter:
             total += int(torch.Size(self._store.shape(key)).numel()) * dtype.itemsize
         return total
 
-    def _read(self, key: str) -> torch.Tensor:
+    def _read(self, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._store.get(key)
-        check_finite(tensor, f"{self.label}, file '{ADAPTER_SAFETENSORS_NAME}'", key)
+        if check:
+            check_finite(tensor, f"{self.label}, file '{ADAPTER_SAFETENSORS_NAME}'", key)
         return tensor
 
-    def lora_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored ``(A, B)`` of ``module`` as saved (unscaled, storage dtype), checked finite."""
+    def lora_factors(self, module: str, *, check_finite_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored ``(A, B)`` of ``module`` as saved (unscaled, storage dtype), checked finite
+        unless ``check_finite_values=False`` (for callers that check what they compute from them)."""
         if module not in self.modules:
             raise KeyError(f"{self.label}: no LoRA module `{module}`; it has {len(self.modules)} modules, e.g. {self.modules[:2]}")
-        return self._read(lora_a_key(module)), self._read(lora_b_key(module))
+        return self._read(lora_a_key(module), check_finite_values), self._read(lora_b_key(module), check_finite_values)
 
-    def folded_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded_factors(self, module: str, *, check_finite_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sqrt(s) A, sqrt(s) B)`` as float32 matrices ``[r, in]`` and ``[out, r]``: ``B' @ A' = dW``."""
-        a, b = self.lora_factors(module)
+        a, b = self.lora_factors(module, check_finite_values=check_finite_values)
         a, b = fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
         return a, b
 

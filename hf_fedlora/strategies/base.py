@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -58,6 +58,18 @@ class Strategy(ABC):
     paper: ClassVar[str] = ""
     supports_heterogeneous_ranks: ClassVar[bool] = True
     send_back: ClassVar[str] = "truncate"
+    propagates_non_finite: ClassVar[bool] = False
+
+    def reads_every_value(self, ranks: Sequence[int], target_rank: int | None) -> bool:
+        """Whether every value of every client's factors reaches the output, so that a NaN or Inf
+        anywhere in the inputs shows in the merged module.
+
+        If so, :func:`~hf_fedlora.aggregate_adapters` checks each merged module once instead of every
+        input tensor, and reads the inputs again to name the culprit only when that check fails.
+        Padding rules set ``propagates_non_finite`` and read every value unless ``target_rank`` cuts
+        clients; the default (``False``) checks every input, which is always safe.
+        """
+        return self.propagates_non_finite and (target_rank is None or target_rank >= max(ranks))
 
     @abstractmethod
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:

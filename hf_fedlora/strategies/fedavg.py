@@ -18,6 +18,7 @@ class FedAvgStrategy(Strategy):
 
     name = "fedavg"
     paper = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data (2017)"
+    propagates_non_finite = True
     supports_heterogeneous_ranks = False
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:

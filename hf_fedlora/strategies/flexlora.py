@@ -8,6 +8,8 @@ exact and never builds the dense ``out x in`` matrix.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..linalg import factored_svd
@@ -22,6 +24,9 @@ class FlexLoraStrategy(Strategy):
     name = "flexlora"
     paper = "Bai et al., Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources (NeurIPS 2024)"
     send_back = "svd"
+
+    def reads_every_value(self, ranks: Sequence[int], target_rank: int | None) -> bool:
+        return True  # the whole sum is formed before any truncation
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
         roots = inputs.weights.sqrt()

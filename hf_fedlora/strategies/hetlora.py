@@ -29,6 +29,7 @@ class HetLoraStrategy(Strategy):
 
     name = "hetlora"
     paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models (EMNLP 2024)"
+    propagates_non_finite = True
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
         norms = torch.stack([update_norm(a, b) for a, b in zip(inputs.a, inputs.b)])

@@ -27,6 +27,7 @@ class ReplicationStrategy(Strategy):
 
     name = "replication"
     paper = "Byun & Lee, Towards Federated Low-Rank Adaptation of Language Models with Rank Heterogeneity (NAACL 2025)"
+    propagates_non_finite = True
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
         previous_rank = inputs.previous[0].shape[0] if inputs.previous is not None else 0

@@ -7,6 +7,8 @@ Concatenates the clients' factors, ``A = [p_1 A_1; ...; p_K A_K]`` and ``B = [B_
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..errors import AdapterError
@@ -21,6 +23,9 @@ class StackingStrategy(Strategy):
     name = "stacking"
     paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations (NeurIPS 2024)"
     send_back = "svd"
+
+    def reads_every_value(self, ranks: Sequence[int], target_rank: int | None) -> bool:
+        return True  # the whole sum is formed before any truncation
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
         total = sum(inputs.ranks)

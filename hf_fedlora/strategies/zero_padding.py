@@ -20,6 +20,7 @@ class ZeroPaddingStrategy(Strategy):
 
     name = "zero_padding"
     paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning (2024), as the zero-padding baseline"
+    propagates_non_finite = True
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
         rank = inputs.target_rank or inputs.max_rank
