@@ -611,8 +611,10 @@ HUB_TOKEN = "hf_localhubSECRETtoken0123456789"
 
 
 @pytest.fixture
-def local_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
-    """A running :class:`LocalHub` that requires ``HUB_TOKEN`` for writes and private reads."""
+def local_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+    """A running :class:`LocalHub` that requires ``HUB_TOKEN`` for writes and private reads; the
+    client's retry backoff is cut to 10 ms so that injected faults cost no test time."""
+    monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)
     hub = LocalHub(tmp_path_factory.mktemp("local_hub"), token=HUB_TOKEN).start()
     try:
         yield hub

@@ -29,11 +29,6 @@ CARD = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)
-
-
 @pytest.fixture
 def rounds(tmp_path: Path) -> dict[int, Path]:
     """Two rounds' global adapters written as the recipe writes them (aggregated, with provenance)."""

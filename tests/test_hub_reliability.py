@@ -25,11 +25,6 @@ hub_env = hub_server.hub_env
 REPO = "user/fed-tiny"
 
 
-@pytest.fixture(autouse=True)
-def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)
-
-
 @pytest.fixture
 def rounds(tmp_path: Path) -> dict[int, Path]:
     a = write_peft_adapter(tmp_path / "clients" / "a", r=2, lora_alpha=4, seed=1)

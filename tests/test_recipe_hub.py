@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 
 import hub_server
-import pytest
 from hub_server import HUB_TOKEN, LocalHub
 from test_recipe_fed_glue import _args, _run
 
@@ -17,16 +16,11 @@ hub_env = hub_server.hub_env
 REPO = "user/fed-recipe"
 
 
-@pytest.fixture(autouse=True)
-def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)
-
-
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path):  
+def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "run"
     options = dict(push_to_hub=True, hub_model_id=REPO, hub_token=HUB_TOKEN)
     _run(_args(tiny_model_dir, shared_data, out, rounds=1, **options))
