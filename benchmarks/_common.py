@@ -90,14 +90,19 @@ class AnonPeakSampler:
         return self.peak - self.start
 
 
-def repeat_timed(fn: Callable[[], Any], repeats: int, max_seconds: float | None = None) -> list[float]:
+def repeat_timed(
+    fn: Callable[[], Any], repeats: int, max_seconds: float | None = None, cleanup: Callable[[], Any] | None = None
+) -> list[float]:
     """Wall times (``perf_counter``) of ``repeats`` calls of ``fn``; stops early, after at least one
-    call, once the total passes ``max_seconds``."""
+    call, once the total passes ``max_seconds``. ``cleanup`` runs after each call, untimed (e.g. a
+    ``gc.collect()``, which takes about 0.25 s in a process that imported torch and transformers)."""
     times: list[float] = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if cleanup is not None:
+            cleanup()
         if max_seconds is not None and sum(times) > max_seconds:
             break
     return times
