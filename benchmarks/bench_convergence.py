@@ -315,24 +315,6 @@ class capped_threads:
         torch.set_num_threads = self._orig
 
 
-def _add_new_recipe_options(preset: Preset, strategy: str, seed: int, run_dir: Path, data_dir: Path) -> dict:
-    """Options the recipe gained after ``run_dir`` was started (absent from its saved fingerprint)
-    are added there with this run's values, so ``--resume`` accepts the run. Only keys that are
-    missing are touched; a changed value still makes the recipe refuse to resume."""
-    from hf_fedlora.federation.loop import _fingerprint
-    from hf_fedlora.federation.state import RunState
-
-    state = RunState.load(run_dir)
-    if state is None:
-        return {}
-    current = _fingerprint(*recipe_arguments(preset, strategy, seed, run_dir, data_dir, resume=True))
-    added = {k: v for k, v in current.items() if k not in state.fingerprint}
-    if added:
-        state.fingerprint.update(added)
-        state.save(run_dir)
-    return added
-
-
 def _device_name() -> str:
     import torch
 
@@ -359,10 +341,6 @@ def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: P
     if meta and meta.get("settings") != preset.settings():
         raise ValueError(f"'{run_dir}' was run with other settings; delete it or use another --workdir.")
     meta.update(strategy=strategy, seed=seed, settings=preset.settings())
-    added = _add_new_recipe_options(preset, strategy, seed, run_dir, data_dir)
-    if added:
-        meta.setdefault("fingerprint_keys_added", {}).update(added)
-        log(f"{name}: recipe options added since the run started, at their defaults: {added}")
     done = completed_rounds(run_dir)
     if done < preset.rounds:
         meta["complete"] = False
@@ -770,9 +748,6 @@ def run_order(preset: Preset) -> list[tuple[int, str]]:
 
 def _job(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, threads: int | None) -> str:
     """One run in a worker process of ``--jobs``."""
-    import torch
-
-    torch.set_num_threads(threads or 1)
     run_one(preset, strategy, seed, workdir, data_dir, _log, threads=threads)
     return run_name(strategy, seed)
 

