@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 ADAPTER_CONFIG_NAME = CONFIG_NAME  # "adapter_config.json"
@@ -16,6 +18,18 @@ LORA_B_SUFFIX = ".lora_B.weight"
 
 ROUND_TAG_FORMAT = "round-{:04d}"
 
+SendBackMethod = Literal["truncate", "svd"]
+"""How a client gets its rank-r view of the global adapter: ``"truncate"`` keeps the first r slots
+(rules whose slots are aligned across rounds), ``"svd"`` the best rank-r approximation."""
+SEND_BACK_METHODS: tuple[str, ...] = get_args(SendBackMethod)
+
+
+def check_send_back(method: object, field: str = "send_back") -> SendBackMethod:
+    """The one check of a send-back method name; returns it, or raises ``ValueError`` naming the choices."""
+    if method not in SEND_BACK_METHODS:
+        raise ValueError(f"`{field}` must be one of {', '.join(map(repr, SEND_BACK_METHODS))}, got {method!r}.")
+    return method  # type: ignore[return-value]
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_PICKLE_NAME",
@@ -26,4 +40,7 @@ __all__ = [
     "PEFT_PREFIX",
     "PROVENANCE_NAME",
     "ROUND_TAG_FORMAT",
+    "SEND_BACK_METHODS",
+    "SendBackMethod",
+    "check_send_back",
 ]

@@ -8,6 +8,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from ..constants import SendBackMethod
+
 
 @dataclass(frozen=True)
 class ModuleInputs:
@@ -57,8 +59,11 @@ class Strategy(ABC):
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     supports_heterogeneous_ranks: ClassVar[bool] = True
-    send_back: ClassVar[str] = "truncate"
+    send_back: ClassVar[SendBackMethod] = "truncate"
     propagates_non_finite: ClassVar[bool] = False
+    rank_grows_with_clients: ClassVar[bool] = False
+    """Whether the output rank is set by the clients (e.g. stacking: the sum of their ranks), so a
+    caller must not cap it with ``target_rank``."""
 
     def reads_every_value(self, ranks: Sequence[int], target_rank: int | None) -> bool:
         """Whether every value of every client's factors reaches the output, so that a NaN or Inf

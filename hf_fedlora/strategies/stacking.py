@@ -23,6 +23,7 @@ class StackingStrategy(Strategy):
     name = "stacking"
     paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations (NeurIPS 2024)"
     send_back = "svd"
+    rank_grows_with_clients = True
 
     def reads_every_value(self, ranks: Sequence[int], target_rank: int | None) -> bool:
         return True  # the whole sum is formed before any truncation
