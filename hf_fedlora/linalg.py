@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -57,3 +58,29 @@ def factored_svd(
     b = left * root
     a = root[:, None] * right
     return pad_rows(a.float(), rank), pad_cols(b.float(), rank)
+
+
+def squared_update_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||B @ A||_F^2`` from the ``r x r`` Gram matrices (``sum((B^T B) * (A A^T))``), without
+    forming ``B @ A``; clamped at zero against rounding."""
+    return ((b.T @ b) * (a @ a.T)).sum().clamp(min=0.0)
+
+
+def update_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||B @ A||_F`` of a factor pair (``a``: ``[r, in]``, ``b``: ``[out, r]``), without forming ``B @ A``.
+
+    Returns:
+        A 0-dim tensor in the factors' dtype.
+    """
+    return torch.sqrt(squared_update_norm(a, b))
+
+
+def lora_a_init(num_rows: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """``num_rows`` fresh LoRA-A rows as PEFT initialises them (kaiming-uniform with ``a=sqrt(5)``):
+    uniform in ``[-1/sqrt(in_features), 1/sqrt(in_features))``, drawn from ``generator``.
+
+    Returns:
+        A float32 tensor ``[num_rows, in_features]`` (reshape it for convolution layers).
+    """
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(num_rows, in_features, generator=generator) * 2 - 1) * bound

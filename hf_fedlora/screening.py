@@ -18,6 +18,7 @@ from .adapters import LoraAdapter
 from .adapters.validate import check_compatible
 from .aggregation import AdapterSource, describe_source, resolve_adapter
 from .errors import AdapterError
+from .linalg import squared_update_norm
 
 
 @dataclass
@@ -45,16 +46,13 @@ class ClientVerdict:
         return asdict(self)
 
 
-def update_norm(adapter: LoraAdapter) -> float:
+def adapter_update_norm(adapter: LoraAdapter) -> float:
     """Frobenius norm of the adapter's whole update, ``sqrt(sum_m ||s_m B_m A_m||_F^2)``.
 
-    Reads every LoRA tensor (checking it is finite) and never forms ``B @ A``.
+    Reads every LoRA tensor (checking it is finite) and never forms ``B @ A``
+    (:func:`hf_fedlora.linalg.squared_update_norm` per module).
     """
-    total = 0.0
-    for module in adapter.modules:
-        a, b = adapter.folded_factors(module)
-        total += float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0.0))
-    return math.sqrt(total)
+    return math.sqrt(sum(float(squared_update_norm(*adapter.folded_factors(m))) for m in adapter.modules))
 
 
 def _scaled(adapter: LoraAdapter, factor: float) -> LoraAdapter:
@@ -109,7 +107,7 @@ def screen_clients(
                 check_compatible([next(iter(readable.values())), adapter], check_base_model=check_base_model)
             for key in adapter.extras:
                 adapter.extra(key)  # raises on NaN/Inf
-            verdict.update_norm = update_norm(adapter)
+            verdict.update_norm = adapter_update_norm(adapter)
         except AdapterError as exc:
             verdict.reason = f"{type(exc).__name__}: {exc}"
             continue
@@ -133,4 +131,4 @@ def screen_clients(
     return accepted, verdicts
 
 
-__all__ = ["ClientVerdict", "screen_clients", "update_norm"]
+__all__ = ["ClientVerdict", "adapter_update_norm", "screen_clients"]

@@ -8,7 +8,7 @@ from conftest import write_peft_adapter
 from safetensors.torch import load_file, save_file
 
 import hf_fedlora as hfl
-from hf_fedlora.screening import screen_clients, update_norm
+from hf_fedlora.screening import adapter_update_norm, screen_clients
 
 
 def scale_update(folder, factor):
@@ -49,14 +49,14 @@ def test_huge_update_is_rejected_relative_to_the_median(tmp_path):
 
 def test_absolute_bound_and_clipping(tmp_path):
     folders = [write_peft_adapter(tmp_path / f"c{i}", 4, 8, seed=i) for i in range(2)]
-    norms = [update_norm(hfl.LoraAdapter.from_pretrained(f)) for f in folders]
+    norms = [adapter_update_norm(hfl.LoraAdapter.from_pretrained(f)) for f in folders]
     _, verdicts = screen_clients(folders, max_update_norm=min(norms) * 1.0001)
     assert sum(v.accepted for v in verdicts) == 1
     clip = min(norms) / 2
     accepted, verdicts = screen_clients(folders, clip_update_norm=clip)
     assert all(v.accepted and v.clipped for v in verdicts)
     for adapter in accepted:
-        assert update_norm(adapter) == pytest.approx(clip, rel=1e-4)
+        assert adapter_update_norm(adapter) == pytest.approx(clip, rel=1e-4)
 
 
 def test_invalid_thresholds_are_refused(tmp_path):

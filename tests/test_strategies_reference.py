@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_fedlora import aggregate_adapters, list_strategies
+from hf_fedlora.linalg import lora_a_init, update_norm
 from hf_fedlora.strategies import ModuleInputs, get_strategy
 
 OUT, IN = 24, 20
@@ -115,6 +116,20 @@ class TestZeroPaddingAndHetLora:
         ref_a, ref_b = reference_zero_padding(inputs, 7, weights / weights.sum())
         torch.testing.assert_close(a.double(), ref_a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.double(), ref_b, rtol=1e-5, atol=1e-6)
+
+
+class TestLinalgHelpers:
+    def test_update_norm_is_the_frobenius_norm_of_the_product(self):
+        inputs = random_inputs([5], seed=6)
+        a, b = inputs.a[0], inputs.b[0]
+        expected = torch.linalg.matrix_norm(b.double() @ a.double())
+        torch.testing.assert_close(update_norm(a, b).double(), expected, rtol=1e-5, atol=0.0)
+
+    def test_lora_a_init_is_peft_kaiming_uniform_and_seeded(self):
+        rows = lora_a_init(4, 100, torch.Generator().manual_seed(0))
+        assert rows.shape == (4, 100) and rows.dtype == torch.float32
+        assert float(rows.abs().max()) <= 0.1 and float(rows.abs().max()) > 0.09
+        torch.testing.assert_close(rows, lora_a_init(4, 100, torch.Generator().manual_seed(0)), rtol=0, atol=0)
 
 
 class TestExactStrategies:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,7 +21,7 @@ from ..constants import (
     PROVENANCE_NAME,
 )
 from ..errors import AdapterError, AdapterNotFoundError, UnsafeFormatError
-from ..linalg import factored_svd, pad_cols, pad_rows
+from ..linalg import factored_svd, lora_a_init, pad_cols, pad_rows
 from .io import MemoryStore, SafetensorsStore, TensorStore, atomic_output_dir, read_json, sha256_file, write_json
 from .keys import lora_a_key, lora_b_key, split_keys
 from .scaling import fold, lora_scale, module_scale, unfold
@@ -306,12 +305,10 @@ class LoraAdapter:
             a, b = unfold(pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale)
             if empty is not None and empty.any():
                 a, b = a.clone(), b.clone()
-                a[empty] = (torch.rand(int(empty.sum()), a.shape[1], generator=generator) * 2 - 1) / math.sqrt(a.shape[1])
+                a[empty] = lora_a_init(int(empty.sum()), a.shape[1], generator)
                 b[:, empty] = 0
             if a.shape[0] < rank:
-                bound = 1.0 / math.sqrt(a.shape[1])
-                fresh = (torch.rand(rank - a.shape[0], a.shape[1], generator=generator) * 2 - 1) * bound
-                a, b = torch.cat([a, fresh]), pad_cols(b, rank)
+                a, b = torch.cat([a, lora_a_init(rank - a.shape[0], a.shape[1], generator)]), pad_cols(b, rank)
             a_shape, b_shape = self.factor_shapes(module)
             dtype = self.tensor_dtype(lora_a_key(module)) or torch.float32
             state[lora_a_key(module)] = a.reshape(rank, *a_shape[1:]).to(dtype)

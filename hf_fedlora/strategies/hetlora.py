@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import update_norm
 from ._linalg import weighted_padded_sum
 from .base import ModuleInputs, Strategy
 from .registry import register_strategy
-
-
-def update_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``||B @ A||_F`` from the ``r x r`` Gram matrices, without forming ``B @ A``."""
-    return torch.sqrt(torch.clamp((b.T @ b * (a @ a.T)).sum(), min=0.0))
 
 
 @register_strategy
