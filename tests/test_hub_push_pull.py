@@ -136,6 +136,26 @@ def test_model_card_metadata_federation_metrics_and_loading(rounds, hub_env: Loc
     assert "| round | eval_accuracy | eval_loss |" in text
     assert "| 1 | 0.6000 | 1.0000 |" in text and "| 2 | 0.7000 | 0.5000 |" in text
     assert f'PeftModel.from_pretrained(base, "{REPO}", revision="round-0002")' in text
+def test_model_card_of_an_output_folder_shows_the_run(rounds) -> None:
+    from huggingface_hub import ModelCard
+
+    from hf_fedlora.hub.model_card import build_model_card
+
+    adapter = LoraAdapter.from_pretrained(rounds[2])
+    info = {**CARD, "strategy": "replication", "rounds": 2, "partition": "dirichlet", "seed": 0, "num_labels": 4,
+            "eval_metric": "accuracy", "command": "accelerate launch recipes/fed_glue.py", "summary": "round  acc\n1  0.5",
+            "plot": "metrics.png"}
+    text = build_model_card(None, round_index=2, config=adapter.config, provenance=adapter.provenance, card_info=info)
+    assert text == build_model_card(None, round_index=2, config=adapter.config, provenance=adapter.provenance, card_info=info)
+    assert text.startswith("---\nlibrary_name: peft\n")
+    assert ModelCard(text).data.tags == ["lora", "federated-learning", "hf-fedlora", "replication"]
+    assert "| data partition | dirichlet |" in text and "| rounds | 2 |" in text and "| seed | 0 |" in text
+    assert "```text\nround  acc\n1  0.5\n```" in text and "![accuracy by round](metrics.png)" in text
+    assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=4)' in text
+    assert 'PeftModel.from_pretrained(base, "round-0002")' in text
+    assert "```bash\naccelerate launch recipes/fed_glue.py\n```" in text
+
+
     assert "AutoModelForSequenceClassification" in text
     round1 = hub_env.file_bytes(REPO, "round-0001", "README.md").decode()
     assert "| 2 | 0.7000" not in round1 and 'revision="round-0001"' in round1

@@ -31,6 +31,21 @@ class HubPathError(AdapterError):
     backslashes, NUL). Nothing is downloaded from such a repo."""
 
 
+def is_repo_id(text: object) -> bool:
+    """True for ``name`` or ``namespace/name`` as the Hub allows them
+    (``huggingface_hub.utils.validate_repo_id``: no ``..`` or ``--``, at most 96 characters)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(text, str) or not text:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def redact(text: str, token: object) -> str:
     """``text`` with ``token`` (when it is a string) and anything shaped like a Hub token
     (``hf_`` + 16 or more letters and digits) replaced by ``***``."""
@@ -39,4 +54,4 @@ def redact(text: str, token: object) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
-__all__ = ["HubPathError", "HubPushError", "redact"]
+__all__ = ["HubPathError", "HubPushError", "is_repo_id", "redact"]
