@@ -127,6 +127,17 @@ class TestRegistry:
         with pytest.raises(hfl.AdapterError, match="not a subclass"):
             register_strategy(dict)
 
+        class BadSendBack(Upper):
+            name = "bad_send_back_for_test"
+            send_back = "pad"
+
+        with pytest.raises(hfl.AdapterError, match="`BadSendBack.send_back` must be one of 'truncate', 'svd'"):
+            register_strategy(BadSendBack)
+
+    def test_to_rank_refuses_unknown_send_back_methods(self, make_adapter):
+        with pytest.raises(hfl.AdapterError, match="`method` must be one of 'truncate', 'svd', got 'pad'"):
+            LoraAdapter.from_pretrained(make_adapter("a", 2, 4)).to_rank(2, method="pad")
+
 
 def test_cli_aggregate_then_inspect(make_adapter, tmp_path, capsys):
     out = tmp_path / "global"

@@ -19,6 +19,8 @@ from ..constants import (
     ADAPTER_PICKLE_NAME,
     ADAPTER_SAFETENSORS_NAME,
     PROVENANCE_NAME,
+    SendBackMethod,
+    check_send_back,
 )
 from ..errors import AdapterError, AdapterNotFoundError, UnsafeFormatError
 from ..linalg import factored_svd, lora_a_init, pad_cols, pad_rows
@@ -265,7 +267,7 @@ class LoraAdapter:
         lora_alpha: float | None = None,
         *,
         use_rslora: bool = False,
-        method: str = "truncate",
+        method: SendBackMethod = "truncate",
         seed: int = 0,
     ) -> "LoraAdapter":
         """The view of this adapter a client of rank ``rank`` trains from (every module at ``rank``).
@@ -287,11 +289,16 @@ class LoraAdapter:
 
         Returns:
             A new in-memory ``LoraAdapter`` with ``r=rank`` and the client's alpha.
+
+        Raises:
+            AdapterError: ``rank`` is not a positive integer, or ``method`` is not a ``SendBackMethod``.
         """
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise AdapterError(f"`rank` must be a positive integer, got {rank!r}.")
-        if method not in ("truncate", "svd"):
-            raise AdapterError(f"`method` must be 'truncate' or 'svd', got {method!r}.")
+        try:
+            check_send_back(method, "method")
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
         alpha = float(rank if lora_alpha is None else lora_alpha)
         target_scale = lora_scale(rank, alpha, use_rslora)
         generator = torch.Generator().manual_seed(seed)

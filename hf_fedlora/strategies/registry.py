@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from ..constants import check_send_back
 from ..errors import StrategyRegistrationError, UnknownStrategyError
 from .base import Strategy
 
@@ -16,7 +17,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
     Raises:
         StrategyRegistrationError: ``cls`` is not a ``Strategy``, its ``name`` is not lower-case
-            snake_case, or the name is taken.
+            snake_case, the name is taken, or its ``send_back`` is not a ``SendBackMethod``.
     """
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise StrategyRegistrationError(f"{cls!r} is not a subclass of hf_fedlora.strategies.Strategy.")
@@ -29,8 +30,10 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
         raise StrategyRegistrationError(
             f"a strategy named {name!r} is already registered ({_STRATEGIES[name].__name__}); choose another name."
         )
-    if cls.send_back not in ("truncate", "svd"):
-        raise StrategyRegistrationError(f"{cls.__name__}.send_back must be 'truncate' or 'svd', got {cls.send_back!r}.")
+    try:
+        check_send_back(cls.send_back, f"{cls.__name__}.send_back")
+    except ValueError as exc:
+        raise StrategyRegistrationError(str(exc)) from None
     _STRATEGIES[name] = cls
     return cls
 
