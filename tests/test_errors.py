@@ -3,7 +3,6 @@ the culprit, and writes nothing."""
 
 from __future__ import annotations
 
-
 import pytest
 from bad_adapters import CASES, DOC, _pickle_only, markdown_table, replace_section, run_gallery
 
@@ -13,7 +12,7 @@ from hf_fedlora.cli import main
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_client_is_named_and_nothing_is_written(case, tmp_path, capsys):
-    from conftest import write_peft_adapter
+    from testing_utils import write_peft_adapter
 
     good = write_peft_adapter(tmp_path / "good", 4, 8, seed=1)
     bad = write_peft_adapter(tmp_path / "bad", 4, 8, seed=2)
@@ -94,8 +93,8 @@ def test_non_finite_client_is_named_by_every_strategy(strategy, target_rank, tmp
     the culprit only then; the others (or a ``target_rank`` that cuts clients) check every input.
     Either way the NaN client is named, even when the NaN sits in a slot the output does not keep."""
     import torch
-    from conftest import write_peft_adapter
     from safetensors.torch import load_file, save_file
+    from testing_utils import write_peft_adapter
 
     ranks = (4, 4) if strategy == "fedavg" else (2, 4)
     good = write_peft_adapter(tmp_path / "good", ranks[0], 8, seed=1)

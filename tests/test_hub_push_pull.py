@@ -5,20 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hub_server
 import pytest
 import torch
 import yaml
-from conftest import tiny_bert, write_peft_adapter
-from hub_server import HUB_TOKEN, LocalHub
+from hub_server import LocalHub
+from testing_utils import HUB_TOKEN, tiny_bert, write_peft_adapter
 
 from hf_fedlora import LoraAdapter, aggregate_adapters
 from hf_fedlora.constants import ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
 from hf_fedlora.hub import HubPushError, list_rounds, pull_round, push_round, round_tag
-
-# the local Hub fixtures, registered in this module by name
-local_hub = hub_server.local_hub
-hub_env = hub_server.hub_env
 
 REPO = "user/fed-tiny"
 CARD = {

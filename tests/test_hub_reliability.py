@@ -8,19 +8,14 @@ import hashlib
 import logging
 from pathlib import Path
 
-import hub_server
 import pytest
-from conftest import write_peft_adapter
-from hub_server import HUB_TOKEN, LocalHub
+from hub_server import LocalHub
+from testing_utils import HUB_TOKEN, write_peft_adapter
 
 from hf_fedlora import LoraAdapter, aggregate_adapters
 from hf_fedlora.cli import main
 from hf_fedlora.hub import HubPathError, HubPushError, list_rounds, pull_round, push_round, round_tag
 from hf_fedlora.hub.pull import check_repo_path
-
-# the local Hub fixtures, registered in this module by name
-local_hub = hub_server.local_hub
-hub_env = hub_server.hub_env
 
 REPO = "user/fed-tiny"
 

@@ -6,7 +6,6 @@ tensors; ``accelerate launch`` with 2 processes gives the same global adapter as
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,63 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from conftest import REPO_ROOT
+from testing_utils import (
+    RECIPE,
+    REPO_ROOT,
+    adapter_tensors,
+    load_recipe,
+    read_metrics,
+    recipe_args,
+    run_recipe,
+)
 
 from hf_fedlora.federation import ClientArguments, FedArgumentParser, LocalTrainingArguments, train_client
 from hf_fedlora.federation.data import load_task
 
-RECIPE = REPO_ROOT / "recipes" / "fed_glue.py"
 CONFIGS = REPO_ROOT / "recipes" / "configs"
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("fed_glue_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _load_recipe()
-
-
-def _args(model_dir: Path, data: Path, out: Path, **overrides) -> list[str]:
-    options = dict(
-        model_name_or_path=model_dir, task="sst2", data_dir=data / "glue", max_train_samples=320, max_eval_samples=64,
-        max_seq_length=32, num_clients=4, clients_per_round=3, rounds=2, local_steps=3,
-        per_device_train_batch_size=8, learning_rate=5e-3, ranks="2,4,8", seed=7, output_dir=out,
-    )
-    options.update(overrides)
-    argv = []
-    for key, value in options.items():
-        if isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def _run(argv: list[str]):
-    return recipe.main(*recipe.parse(argv))
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_model_dir, shared_data, tmp_path_factory) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = tmp_path_factory.mktemp("baseline") / "run"
-    _run(_args(tiny_model_dir, shared_data, out, report_to=["tensorboard"]))
-    return out
+recipe = load_recipe()
 
 
 def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_dir, shared_data):
@@ -86,7 +43,7 @@ def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_d
     assert not (baseline / "_exchange").exists()
     assert list(baseline.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
 
-    records = _records(baseline)
+    records = read_metrics(baseline)
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         assert {"clients", "eval", "seconds", "cumulative_bytes", "global_rank", "strategy"} <= set(record)
@@ -104,14 +61,14 @@ def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_d
     # PEFT itself loads the round: every saved tensor lands in the model, nothing is missing.
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     model = PeftModel.from_pretrained(base, baseline / "round-0002").eval()
-    saved = _tensors(baseline / "round-0002")
+    saved = adapter_tensors(baseline / "round-0002")
     loaded = get_peft_model_state_dict(model)
     assert set(loaded) == set(saved)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert any("classifier" in k for k in saved), "the trained head travels with the adapter"
 
     # and reproduces the accuracy the recipe logged for that round
-    data = load_task(recipe.parse(_args(tiny_model_dir, shared_data, baseline))[1], seed=7).validation
+    data = load_task(recipe.parse(recipe_args(tiny_model_dir, shared_data, baseline))[1], seed=7).validation
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with torch.no_grad():
         batch = tokenizer(data.texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
@@ -121,9 +78,9 @@ def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_d
 
 def test_existing_output_is_refused_and_resume_checks_options(baseline, tiny_model_dir, shared_data):
     with pytest.raises(FileExistsError, match="--resume"):
-        _run(_args(tiny_model_dir, shared_data, baseline))
+        run_recipe(recipe_args(tiny_model_dir, shared_data, baseline))
     with pytest.raises(ValueError, match="`strategy`: saved 'replication', now 'zero_padding'"):
-        _run(_args(tiny_model_dir, shared_data, baseline, resume=True, strategy="zero_padding"))
+        run_recipe(recipe_args(tiny_model_dir, shared_data, baseline, resume=True, strategy="zero_padding"))
 
 
 def test_a_run_saved_before_an_option_existed_resumes(baseline, tiny_model_dir, shared_data, tmp_path):
@@ -134,10 +91,10 @@ def test_a_run_saved_before_an_option_existed_resumes(baseline, tiny_model_dir, 
     state = json.loads((old / "state.json").read_text())
     del state["fingerprint"]["quality_scoring"], state["fingerprint"]["clip_update_norm"]  # options added later
     (old / "state.json").write_text(json.dumps(state))
-    result = _run(_args(tiny_model_dir, shared_data, old, resume=True, rounds=3))  # one more round
+    result = run_recipe(recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=3))  # one more round
     assert [r["round"] for r in result.records] == [1, 2, 3]
     with pytest.raises(ValueError, match="`quality_scoring`: saved 'sampled', now 'all'"):
-        _run(_args(tiny_model_dir, shared_data, old, resume=True, rounds=4, quality_scoring="all"))
+        run_recipe(recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=4, quality_scoring="all"))
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch):
@@ -153,19 +110,19 @@ def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model
 
     monkeypatch.setattr(loop, "append_record", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):
-        _run(_args(tiny_model_dir, shared_data, out))
+        run_recipe(recipe_args(tiny_model_dir, shared_data, out))
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
     assert (out / "round-0002").is_dir()
     monkeypatch.setattr(loop, "append_record", real_append)
 
-    _run(_args(tiny_model_dir, shared_data, out, resume=True))
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, resume=True))
     # Equal up to CPU thread-scheduling noise (two identical fresh runs on a loaded machine differ
     # by ~1e-8); a resume that changed anything (data, seeds, ranks, previous adapter) differs by >1e-3.
-    resumed, reference = _tensors(out / "round-0002"), _tensors(baseline / "round-0002")
+    resumed, reference = adapter_tensors(out / "round-0002"), adapter_tensors(baseline / "round-0002")
     assert set(resumed) == set(reference)
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
-    got, want = _records(out), _records(baseline)
+    got, want = read_metrics(out), read_metrics(baseline)
     assert [r["round"] for r in got] == [1, 2]
     for g, w in zip(got, want):
         assert g["eval"] == pytest.approx(w["eval"])
@@ -185,29 +142,29 @@ def test_two_processes_give_the_same_global_adapter_as_one(baseline, tiny_model_
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"),
         "--main_process_port", str(_free_port()),
-        str(RECIPE), *_args(tiny_model_dir, shared_data, out),
+        str(RECIPE), *recipe_args(tiny_model_dir, shared_data, out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("round-0001", "round-0002"):
-        two, one = _tensors(out / name), _tensors(baseline / name)
+        two, one = adapter_tensors(out / name), adapter_tensors(baseline / name)
         assert set(two) == set(one)
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
-    got, want = _records(out), _records(baseline)
+    got, want = read_metrics(out), read_metrics(baseline)
     assert [[c["client"] for c in r["clients"]] for r in got] == [[c["client"] for c in r["clients"]] for r in want]
     assert [r["eval"]["accuracy"] for r in got] == [r["eval"]["accuracy"] for r in want]
 
 
 def test_paper_setup_upgrades_the_best_scored_clients(tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "paper"
-    _run(_args(
+    run_recipe(recipe_args(
         tiny_model_dir, shared_data, out, task="ag_news", data_dir=shared_data / "ag_news", max_train_samples=400,
         num_clients=6, clients_per_round=3, partition="high_quality", high_quality_fraction=0.2,
         quality_upgrade=True, low_rank=2, high_rank=6, upgrade_fraction=0.34, quality_eval_samples=32,
     ))
-    first, second = _records(out)
+    first, second = read_metrics(out)
     assert all(c["rank"] == 2 and "quality_score" in c for c in first["clients"])
     ranked = sorted(first["clients"], key=lambda c: (-c["quality_score"], c["client"]))
     upgraded = {c["client"] for c in ranked[:2]}  # ceil(0.34 * 3) = 2
@@ -226,9 +183,9 @@ def test_failed_hub_push_is_recorded_and_the_round_is_kept(tiny_model_dir, share
 
     monkeypatch.setattr(hf_fedlora.hub, "push_round", failing_push)
     out = tmp_path / "push"
-    _run(_args(tiny_model_dir, shared_data, out, rounds=1, push_to_hub=True, hub_model_id="me/run",
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1, push_to_hub=True, hub_model_id="me/run",
                hub_token="hf_secret"))
-    (record,) = _records(out)
+    (record,) = read_metrics(out)
     assert record["hub_push"]["ok"] is False
     assert "ConnectionError" in record["hub_push"]["error"] and "hf_secret" not in record["hub_push"]["error"]
     assert (out / "round-0001" / "adapter_model.safetensors").is_file()
@@ -238,7 +195,7 @@ def test_train_client_is_reusable_and_seeded(tiny_model_dir, shared_data):
     from hf_fedlora.federation import get_trainer
     from hf_fedlora.federation.client import _TRAINERS
 
-    data = load_task(recipe.parse(_args(tiny_model_dir, shared_data, Path("unused")))[1], seed=0)
+    data = load_task(recipe.parse(recipe_args(tiny_model_dir, shared_data, Path("unused")))[1], seed=0)
     shard = data.train.select(range(40))
     args = LocalTrainingArguments(local_steps=2, per_device_train_batch_size=8, max_seq_length=32)
     before = set(_TRAINERS)
@@ -314,13 +271,13 @@ def test_glue_tsv_layout_is_read_with_its_quirks(task, num_labels, first_label, 
 def test_quality_scoring_all_probes_every_client_but_aggregates_the_sampled(tiny_model_dir, shared_data, tmp_path):
     """The seed paper's allocation: every client is scored after round 1; the top fraction of all of them is upgraded."""
     out = tmp_path / "probe_all"
-    _run(_args(
+    run_recipe(recipe_args(
         tiny_model_dir, shared_data, out, task="ag_news", data_dir=shared_data / "ag_news", max_train_samples=400,
         num_clients=6, clients_per_round=2, rounds=1, partition="high_quality", high_quality_fraction=0.2,
         quality_upgrade=True, low_rank=2, high_rank=6, upgrade_fraction=0.34, quality_eval_samples=32,
         quality_scoring="all",
     ))
-    (record,) = _records(out)
+    (record,) = read_metrics(out)
     state = json.loads((out / "state.json").read_text())
     assert sorted(map(int, state["scores"])) == list(range(6))
     assert len(record["clients"]) == 2

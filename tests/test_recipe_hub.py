@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import hashlib
 
-import hub_server
-from hub_server import HUB_TOKEN, LocalHub
-from test_recipe_fed_glue import _args, _run
+from hub_server import LocalHub
+from testing_utils import HUB_TOKEN, recipe_args, run_recipe
 
 from hf_fedlora.hub import list_rounds, pull_round
 
-local_hub = hub_server.local_hub
-hub_env = hub_server.hub_env
 REPO = "user/fed-recipe"
 
 
@@ -23,8 +20,8 @@ def _sha(path) -> str:
 def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "run"
     options = dict(push_to_hub=True, hub_model_id=REPO, hub_token=HUB_TOKEN)
-    _run(_args(tiny_model_dir, shared_data, out, rounds=1, **options))
-    _run(_args(tiny_model_dir, shared_data, out, rounds=2, resume=True, **options))  # continue to round 2
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1, **options))
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=2, resume=True, **options))  # continue to round 2
 
     assert list_rounds(REPO, token=HUB_TOKEN, endpoint=hub_env.url) == [1, 2]
     commits = [r for r in hub_env.requests("POST", "/commit/") if r.status == 200]

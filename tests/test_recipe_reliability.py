@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
-from test_recipe_fed_glue import _args, _records, _run, _tensors, baseline  # noqa: F401
+from testing_utils import REPO_ROOT, adapter_tensors, read_metrics, recipe_args, run_recipe
 
 import hf_fedlora as hfl
 from hf_fedlora import LoraAdapter
 
 CRASH_RUNNER = Path(__file__).resolve().parent / "crash_runner.py"
 CRASH_POINTS = ["train", "aggregate", "checkpoint", "jsonl", "state"]
-SEED = 7  # the seed _args gives every run
+SEED = 7  # the seed recipe_args gives every run
 
 
 def _env() -> dict[str, str]:
@@ -36,30 +35,30 @@ def _assert_no_half_written_round(out: Path) -> None:
 
 
 def _assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
-    resumed, want = _tensors(out / "round-0002"), _tensors(reference / "round-0002")
+    resumed, want = adapter_tensors(out / "round-0002"), adapter_tensors(reference / "round-0002")
     assert set(resumed) == set(want)
     for key in want:  # subprocess vs in-process thread counts: float noise only
         torch.testing.assert_close(resumed[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert [r["round"] for r in _records(out)] == [1, 2]
+    assert [r["round"] for r in read_metrics(out)] == [1, 2]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporaries left behind"
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_sigkill_at_a_crash_point_then_resume(point, baseline, tiny_model_dir, shared_data, tmp_path):  # noqa: F811
+def test_sigkill_at_a_crash_point_then_resume(point, baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / point
-    argv = _args(tiny_model_dir, shared_data, out)
+    argv = recipe_args(tiny_model_dir, shared_data, out)
     done = subprocess.run([sys.executable, str(CRASH_RUNNER), point, *argv], cwd=REPO_ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
     _assert_no_half_written_round(out)
-    _run(_args(tiny_model_dir, shared_data, out, resume=True))
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, resume=True))
     _assert_same_as_uninterrupted(out, baseline)
 
 
-def test_sigkill_at_a_random_moment_then_resume(baseline, tiny_model_dir, shared_data, tmp_path):  # noqa: F811
+def test_sigkill_at_a_random_moment_then_resume(baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "random"
-    command = [sys.executable, str(CRASH_RUNNER), "none", *_args(tiny_model_dir, shared_data, out)]
+    command = [sys.executable, str(CRASH_RUNNER), "none", *recipe_args(tiny_model_dir, shared_data, out)]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (out / "round-0001").is_dir() and process.poll() is None and time.monotonic() < deadline:
@@ -68,7 +67,7 @@ def test_sigkill_at_a_random_moment_then_resume(baseline, tiny_model_dir, shared
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     _assert_no_half_written_round(out)
-    _run(_args(tiny_model_dir, shared_data, out, resume=True))
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, resume=True))
     _assert_same_as_uninterrupted(out, baseline)
 
 
@@ -95,16 +94,16 @@ def _sabotage(monkeypatch, client_id: int, how: str) -> None:
 def _first_sampled_client() -> int:
     from hf_fedlora.federation.loop import sample_clients
 
-    return sample_clients(SEED, 1, 4, 3)[0]  # _args: seed 7, 4 clients, 3 per round
+    return sample_clients(SEED, 1, 4, 3)[0]  # recipe_args: seed 7, 4 clients, 3 per round
 
 
 @pytest.mark.parametrize("how, options", [("nan", {}), ("huge", {"max_norm_ratio": 50.0})])
-def test_a_broken_client_is_dropped_and_recorded(how, options, tiny_model_dir, shared_data, tmp_path, monkeypatch):  # noqa: F811
+def test_a_broken_client_is_dropped_and_recorded(how, options, tiny_model_dir, shared_data, tmp_path, monkeypatch):
     victim = _first_sampled_client()
     _sabotage(monkeypatch, victim, how)
     out = tmp_path / f"bad-{how}"
-    _run(_args(tiny_model_dir, shared_data, out, rounds=1, **options))
-    (record,) = _records(out)
+    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1, **options))
+    (record,) = read_metrics(out)
     assert [d["client"] for d in record["dropped"]] == [victim]
     reason = record["dropped"][0]["reason"]
     assert ("NonFiniteTensorError" in reason) if how == "nan" else ("median" in reason), reason
@@ -112,9 +111,9 @@ def test_a_broken_client_is_dropped_and_recorded(how, options, tiny_model_dir, s
     assert LoraAdapter.from_pretrained(out / "round-0001").provenance["num_clients"] == 2
 
 
-def test_on_bad_client_fail_stops_the_run(tiny_model_dir, shared_data, tmp_path, monkeypatch):  # noqa: F811
+def test_on_bad_client_fail_stops_the_run(tiny_model_dir, shared_data, tmp_path, monkeypatch):
     victim = _first_sampled_client()
     _sabotage(monkeypatch, victim, "nan")
     with pytest.raises(hfl.AdapterError, match=f"client {victim}: NonFiniteTensorError"):
-        _run(_args(tiny_model_dir, shared_data, tmp_path / "fail", rounds=1, on_bad_client="fail"))
+        run_recipe(recipe_args(tiny_model_dir, shared_data, tmp_path / "fail", rounds=1, on_bad_client="fail"))
     assert json.loads((tmp_path / "fail" / "state.json").read_text())["completed_round"] == 0

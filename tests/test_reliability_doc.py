@@ -7,7 +7,7 @@ import ast
 import re
 
 from bad_adapters import CASES
-from conftest import REPO_ROOT
+from testing_utils import REPO_ROOT
 
 DOC = REPO_ROOT / "docs" / "reliability.md"
 

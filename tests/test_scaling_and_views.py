@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
 from peft import PeftModel
+from testing_utils import tiny_bert
 
 from hf_fedlora import LoraAdapter, aggregate_adapters
 
@@ -46,7 +46,7 @@ def test_lone_client_round_trips_through_to_rank(make_adapter):
     ids=["mixed-alpha", "rslora", "patterns"],
 )
 def test_scales_are_folded_per_module(client_kwargs, tmp_path):
-    from conftest import write_peft_adapter
+    from testing_utils import write_peft_adapter
 
     folders = [write_peft_adapter(tmp_path / f"c{i}", seed=i + 1, **kw) for i, kw in enumerate(client_kwargs)]
     expected = [peft_deltas(f) for f in folders]

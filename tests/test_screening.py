@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from bad_adapters import CASES
-from conftest import write_peft_adapter
 from safetensors.torch import load_file, save_file
+from testing_utils import write_peft_adapter
 
 import hf_fedlora as hfl
 from hf_fedlora.screening import adapter_update_norm, screen_clients

@@ -1,240 +1,24 @@
-"""A local Hub-compatible HTTP server for tests (test support code, not part of the package).
-
-It speaks the part of the Hugging Face Hub's HTTP surface that ``huggingface_hub`` 2.x uses to
-create repos, commit files, tag revisions, list refs/trees/commits and download files (see
-``docs/hub-protocol.md`` in the shared docs). Blobs live on disk under ``root``; repos, commits
-and refs live in memory. Every request is logged, and faults can be injected::
-
-    hub = LocalHub(tmp_path, token="hf_test_secret").start()
-    hub.fail("POST", r"/commit/", status=500, times=1)     # the next commit answers 500
-    hub.fail("POST", r"/commit/", status="drop")            # ... or the connection is closed
-    HfApi(endpoint=hub.url, token="hf_test_secret").create_repo("user/repo")
-    hub.count("POST", "/commit/")                           # how many commit requests arrived
-
-Every file is answered ``"regular"`` at preupload, so content travels base64 inside the commit
-and neither LFS nor Xet is ever involved (no ``HF_HUB_DISABLE_XET`` needed).
-
-Pointing the client at it: ``HfApi(endpoint=hub.url)`` is enough for writes and for
-``snapshot_download(..., endpoint=hub.url)``. Code that takes no endpoint (``hf_hub_download``
-inside PEFT, ``huggingface_hub.file_exists``) reads module state fixed at import, so the
-``hub_env`` fixture below patches ``constants.ENDPOINT``, ``constants.HUGGINGFACE_CO_URL_TEMPLATE``,
-the module-level ``huggingface_hub.hf_api.api.endpoint`` and turns ``HF_HUB_OFFLINE`` off.
-"""
+"""The HTTP side of the local Hub: one handler class that routes the Hub's endpoints to the
+``LocalHub`` it is bound to (``handler.hub``) and answers in the Hub's JSON shapes and headers."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import json
 import re
-import shutil
 import socket
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Self
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import pytest
+from .storage import GITATTRIBUTES, Entry, Fault, HubError, LoggedRequest, Repo
 
-GITATTRIBUTES = (
-    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
-)
+if TYPE_CHECKING:
+    from .server import LocalHub
 
 
-def git_blob_sha1(data: bytes) -> str:
-    """The git object id of a blob (what ``git hash-object`` prints)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass
-class Entry:
-    """A file in a commit's tree."""
-
-    sha1: str
-    sha256: str
-    size: int
-
-
-@dataclass
-class Commit:
-    sha: str
-    parent: str | None
-    files: dict[str, Entry]
-    title: str
-    message: str
-    date: str
-
-
-@dataclass
-class Repo:
-    repo_id: str
-    private: bool
-    commits: dict[str, Commit] = field(default_factory=dict)
-    branches: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Fault:
-    method: str
-    pattern: re.Pattern
-    status: int | str  # an HTTP status, or "drop" to close the connection without answering
-    times: int | None  # None: forever
-    after: bool = False  # True: handle the request first, then fail (the answer is lost)
-
-
-@dataclass
-class LoggedRequest:
-    method: str
-    path: str
-    status: int | str
-
-
-class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-
-class LocalHub:
-    """A Hub-compatible server on ``127.0.0.1`` with a free port. Use as a context manager or
-    call :meth:`start` / :meth:`stop`."""
-
-    def __init__(self, root: str | Path, *, token: str | None = None, namespace: str = "user"):
-        self.root = Path(root)
-        self.blob_dir = self.root / "blobs"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.token = token
-        self.namespace = namespace
-        self.repos: dict[str, Repo] = {}
-        self.log: list[LoggedRequest] = []
-        self.faults: list[Fault] = []
-        self.tree_overrides: dict[str, list[dict]] = {}  # repo_id -> extra tree entries (hostile names)
-        self.known_models: set[str] | None = None  # when set, validate-yaml refuses other base_model values
-        self._lock = threading.RLock()
-        self._counter = itertools.count()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "server not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> Self:
-        hub = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # -- test controls -------------------------------------------------------------------------
-    def fail(
-        self,
-        method: str,
-        path_regex: str,
-        *,
-        status: int | str = 500,
-        times: int | None = 1,
-        after: bool = False,
-    ) -> None:
-        """Make the next ``times`` requests matching ``method`` and ``path_regex`` fail with
-        ``status`` (an HTTP code, or ``"drop"``: the connection closes without an answer).
-        ``times=None`` fails them forever. ``after=True`` handles the request first (the commit
-        or tag is made) and then fails, as when the answer is lost on the way back."""
-        with self._lock:
-            self.faults.append(Fault(method.upper(), re.compile(path_regex), status, times, after))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self.faults.clear()
-
-    def requests(self, method: str | None = None, contains: str = "") -> list[LoggedRequest]:
-        """Logged requests, filtered by method and a substring of the path."""
-        with self._lock:
-            return [
-                r for r in self.log if (method is None or r.method == method.upper()) and contains in r.path
-            ]
-
-    def count(self, method: str | None = None, contains: str = "") -> int:
-        return len(self.requests(method, contains))
-
-    def commits(self, repo_id: str, branch: str = "main") -> list[Commit]:
-        """The commits of ``branch``, newest first."""
-        repo = self.repos[repo_id]
-        out, sha = [], repo.branches.get(branch)
-        while sha is not None:
-            out.append(repo.commits[sha])
-            sha = repo.commits[sha].parent
-        return out
-
-    def file_bytes(self, repo_id: str, revision: str, path: str) -> bytes:
-        repo = self.repos[repo_id]
-        entry = repo.commits[self._resolve(repo, revision)].files[path]
-        return (self.blob_dir / entry.sha256).read_bytes()
-
-    # -- storage -------------------------------------------------------------------------------
-    def _store_blob(self, data: bytes) -> Entry:
-        sha256 = hashlib.sha256(data).hexdigest()
-        path = self.blob_dir / sha256
-        if not path.exists():
-            tmp = path.with_suffix(f".tmp{next(self._counter)}")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        return Entry(git_blob_sha1(data), sha256, len(data))
-
-    def _new_commit(
-        self, repo: Repo, parent: str | None, files: dict[str, Entry], title: str, message: str
-    ) -> str:
-        seed = json.dumps(
-            [repo.repo_id, parent, sorted((p, e.sha1) for p, e in files.items()), title, next(self._counter)]
-        )
-        sha = hashlib.sha1(seed.encode()).hexdigest()
-        date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-        repo.commits[sha] = Commit(sha, parent, files, title, message, date)
-        return sha
-
-    def _resolve(self, repo: Repo, revision: str) -> str:
-        revision = unquote(revision)
-        revision = revision.removeprefix("refs/heads/")
-        revision = revision.removeprefix("refs/tags/")
-        if revision in repo.branches:
-            return repo.branches[revision]
-        if revision in repo.tags:
-            return repo.tags[revision]
-        if revision in repo.commits:
-            return revision
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-
-
-class _Handler(BaseHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     hub: LocalHub
     protocol_version = "HTTP/1.1"
 
@@ -271,28 +55,16 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        hub = self.hub
-        with hub._lock:
-            for fault in hub.faults:
-                if fault.method == method and fault.pattern.search(path):
-                    if fault.times is not None:
-                        fault.times -= 1
-                        if fault.times <= 0:
-                            hub.faults.remove(fault)
-                    return fault
-        return None
-
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         path, query = split.path, parse_qs(split.query)
         body = self._read_body() if method in ("POST", "PUT", "DELETE") else b""
-        fault = self._take_fault(method, path)
+        fault = self.hub.take_fault(method, path)
         if fault is not None and not fault.after:
             self._inject(method, path, fault)
             return
         try:
-            with self.hub._lock:
+            with self.hub.lock:
                 status, payload, headers = self._route(method, path, query, body)
             if fault is not None:
                 self._inject(method, path, fault)
@@ -322,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(int(fault.status), {"error": "injected fault"}, message="injected fault")
 
     def _log(self, method: str, path: str, status: int | str) -> None:
-        with self.hub._lock:
+        with self.hub.lock:
             self.hub.log.append(LoggedRequest(method, path, status))
 
     def _send(self, status, payload, *, code=None, message=None, headers=None, head=False) -> None:
@@ -421,7 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "branch" and method == "POST":
             self._check_write()
             start = json.loads(body or b"{}").get("startingPoint") or "main"
-            repo.branches[unquote(rest)] = self.hub._resolve(repo, start)
+            repo.branches[unquote(rest)] = self.hub.resolve(repo, start)
             return 200, {}, None
         raise HubError(404, f"no route for {method} {path}")
 
@@ -433,8 +205,8 @@ class _Handler(BaseHTTPRequestHandler):
         if repo_id in self.hub.repos:
             return 409, {**url, "error": "You already created this model repo"}, None
         repo = Repo(repo_id, bool(data.get("private")) or data.get("visibility") == "private")
-        files = {".gitattributes": self.hub._store_blob(GITATTRIBUTES)}
-        repo.branches["main"] = self.hub._new_commit(repo, None, files, "initial commit", "")
+        files = {".gitattributes": self.hub.store_blob(GITATTRIBUTES)}
+        repo.branches["main"] = self.hub.new_commit(repo, None, files, "initial commit", "")
         self.hub.repos[repo_id] = repo
         return 200, url, None
 
@@ -448,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo: Repo, rev: str, data: dict):
         self._check_write()
-        files = repo.commits[self.hub._resolve(repo, rev)].files if unquote(rev) in repo.branches else {}
+        files = repo.commits[self.hub.resolve(repo, rev)].files if unquote(rev) in repo.branches else {}
         answer = []
         for item in data.get("files", []):
             existing = files.get(item["path"])
@@ -480,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "file":
                 if value.get("encoding") != "base64":
                     raise HubError(400, "only base64 file content is supported")
-                files[_check_repo_path(value["path"])] = self.hub._store_blob(
+                files[_check_repo_path(value["path"])] = self.hub.store_blob(
                     base64.b64decode(value["content"])
                 )
             elif key == "deletedFile":
@@ -495,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
         parent = header.get("parentCommit")
         if parent and parent != head:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
-        sha = self.hub._new_commit(
+        sha = self.hub.new_commit(
             repo, head, files, header.get("summary", ""), header.get("description", "")
         )
         repo.branches[branch] = sha
@@ -507,12 +279,12 @@ class _Handler(BaseHTTPRequestHandler):
         tag = data["tag"]
         if tag in repo.tags:
             raise HubError(409, f"Tag {tag} already exists", None)
-        repo.tags[tag] = self.hub._resolve(repo, rev)
+        repo.tags[tag] = self.hub.resolve(repo, rev)
         return 200, {}, None
 
     # -- read path -----------------------------------------------------------------------------
     def _info(self, repo: Repo, rev: str):
-        sha = self.hub._resolve(repo, rev)
+        sha = self.hub.resolve(repo, rev)
         commit = repo.commits[sha]
         info = {
             "id": repo.repo_id,
@@ -537,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
         return {"type": "file", "path": path, "size": entry.size, "oid": entry.sha1}
 
     def _tree(self, repo: Repo, rev: str, sub: str, recursive: bool):
-        files = repo.commits[self.hub._resolve(repo, rev)].files
+        files = repo.commits[self.hub.resolve(repo, rev)].files
         prefix = sub.strip("/") + "/" if sub.strip("/") else ""
         out, dirs = [], set()
         for path in sorted(files):
@@ -561,11 +333,11 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, out, None
 
     def _paths_info(self, repo: Repo, rev: str, paths: list[str]):
-        files = repo.commits[self.hub._resolve(repo, rev)].files
+        files = repo.commits[self.hub.resolve(repo, rev)].files
         return 200, [self._entry_json(p, files[p]) for p in paths if p in files], None
 
     def _commits(self, repo: Repo, rev: str):
-        out, sha = [], self.hub._resolve(repo, rev)
+        out, sha = [], self.hub.resolve(repo, rev)
         while sha is not None:
             c = repo.commits[sha]
             out.append(
@@ -582,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve_file(self, repo_id: str, rev: str, filename: str, method: str):
         repo = self._repo(repo_id)
-        sha = self.hub._resolve(repo, rev)
+        sha = self.hub.resolve(repo, rev)
         entry = repo.commits[sha].files.get(filename)
         if entry is None:
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": sha})
@@ -604,50 +376,3 @@ def _check_repo_path(path: str) -> str:
         raise HubError(400, f"invalid path {path!r}")
     return path
 
-
-# -- pytest fixtures (import them by name into a test module) -------------------------------------
-
-HUB_TOKEN = "hf_localhubSECRETtoken0123456789"
-
-
-@pytest.fixture
-def local_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
-    """A running :class:`LocalHub` that requires ``HUB_TOKEN`` for writes and private reads; the
-    client's retry backoff is cut to 10 ms so that injected faults cost no test time."""
-    monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)
-    hub = LocalHub(tmp_path_factory.mktemp("local_hub"), token=HUB_TOKEN).start()
-    try:
-        yield hub
-    finally:
-        hub.stop()
-        shutil.rmtree(hub.root, ignore_errors=True)
-
-
-@pytest.fixture
-def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> LocalHub:
-    """``local_hub``, plus the process pointed at it for code that takes no ``endpoint``
-    (PEFT's ``hf_hub_download``, ``huggingface_hub.file_exists``) and offline mode off."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", local_hub.url)
-    monkeypatch.setattr(constants, "ENDPOINT", local_hub.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", local_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", local_hub.url)
-    # conftest's HF_HOME/HF_HUB_CACHE env vars come after huggingface_hub read them at import
-    cache = local_hub.root / "client_cache"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HOME", str(local_hub.root / "client_home"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(local_hub.root / "client_home" / "token"))
-    monkeypatch.setattr(
-        constants, "HF_STORED_TOKENS_PATH", str(local_hub.root / "client_home" / "stored_tokens")
-    )
-    return local_hub
-
-
-def quote_rev(revision: str) -> str:
-    return quote(revision, safe="")
