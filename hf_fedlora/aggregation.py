@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence, Union
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapters import LoraAdapter, lora_a_key, lora_b_key
+from .adapters import LoraAdapter
+from .adapters.keys import lora_a_key, lora_b_key
 from .adapters.scaling import unit_scale_config
+from .adapters.sources import AdapterSource, describe_source, resolve_adapter
 from .adapters.validate import check_compatible
 from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError
 from .strategies import ModuleInputs, Strategy, get_strategy
-
-AdapterSource = Union[str, os.PathLike, LoraAdapter, Any]
-"""A PEFT folder, a Hub repo id (``"user/repo"`` or ``"user/repo@revision"``), a ``LoraAdapter``
-or a ``peft.PeftModel`` (its active adapter)."""
-
-
-def describe_source(source: AdapterSource) -> str:
-    """How errors and provenance name a source: its path, repo id, label or type."""
-    if isinstance(source, LoraAdapter):
-        return source.label
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return type(source).__name__
-
-
-def resolve_adapter(source: AdapterSource, label: str, **load_kwargs: Any) -> LoraAdapter:
-    """Turn any accepted source into a ``LoraAdapter`` named ``label`` in errors."""
-    if isinstance(source, LoraAdapter):
-        return source.relabel(label)
-    if hasattr(source, "peft_config") and hasattr(source, "active_adapter"):
-        return LoraAdapter.from_peft_model(source, label=label)
-    if isinstance(source, (str, os.PathLike)):
-        return LoraAdapter.from_pretrained(source, label=label, **load_kwargs)
-    raise AdapterError(
-        f"{label}: cannot read an adapter from a {type(source).__name__}; pass a folder, a Hub repo id, "
-        "a LoraAdapter or a peft.PeftModel."
-    )
-
 
 def resolve_weights(
     adapters: Sequence[LoraAdapter],

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 
-from .adapters import LoraAdapter
+from .adapters import AdapterSource, LoraAdapter, describe_source, resolve_adapter
 from .adapters.validate import check_compatible
-from .aggregation import AdapterSource, describe_source, resolve_adapter
 from .errors import AdapterError
 from .linalg import squared_update_norm
 

@@ -2,11 +2,14 @@
 
 from .adapter import LoraAdapter
 from .keys import lora_a_key, lora_b_key, module_path, pattern_for
+from .sources import AdapterSource, describe_source, resolve_adapter
 from .scaling import declared_rank_alpha, fold, lora_scale, module_scale, unfold
 
 __all__ = [
+    "AdapterSource",
     "LoraAdapter",
     "declared_rank_alpha",
+    "describe_source",
     "fold",
     "lora_a_key",
     "lora_b_key",
@@ -14,5 +17,6 @@ __all__ = [
     "module_path",
     "module_scale",
     "pattern_for",
+    "resolve_adapter",
     "unfold",
 ]

@@ -27,7 +27,7 @@ from ..linalg import factored_svd, lora_a_init, pad_cols, pad_rows
 from .io import MemoryStore, SafetensorsStore, TensorStore, atomic_output_dir, read_json, sha256_file, write_json
 from .keys import lora_a_key, lora_b_key, split_keys
 from .scaling import fold, lora_scale, module_scale, unfold
-from .sources import resolve_source
+from .folders import resolve_source
 from .validate import check_factor_shapes, check_finite, lora_config_from_dict
 
 
