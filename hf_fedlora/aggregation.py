@@ -80,10 +80,10 @@ def _check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
 def aggregate_adapters(
     sources: Sequence[AdapterSource],
     strategy: str | Strategy = "replication",
+    *,
     weights: Sequence[float] | None = None,
     target_rank: int | None = None,
     previous: AdapterSource | None = None,
-    *,
     num_examples: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
     token: str | bool | None = None,
@@ -103,7 +103,7 @@ def aggregate_adapters(
         sources: the clients' adapters: PEFT folders, Hub repo ids (``"user/repo@rev"``),
             ``LoraAdapter`` objects or ``PeftModel`` objects.
         strategy: a registered name (``hf_fedlora.strategies.list_strategies()``) or a ``Strategy``.
-            Defaults to ``"replication"``.
+            Defaults to ``"replication"``. Every later argument is keyword-only.
         weights: per-client weights (normalised here). Default: example counts when every source
             carries one (``num_examples`` or provenance files), else uniform.
         target_rank: output rank for ``flexlora`` (and the padding rules); default the largest rank.

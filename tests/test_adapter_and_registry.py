@@ -77,6 +77,8 @@ def test_example_counts_from_provenance_become_weights(make_adapter, tmp_path):
         adapter.num_examples = count
         saved.append(adapter.save_pretrained(tmp_path / f"{name}-counted"))
     merged = aggregate_adapters(saved)
+    with pytest.raises(TypeError):
+        aggregate_adapters(saved, "replication", [1.0, 1.0])  # weights and later arguments are keyword-only
     assert [c["weight"] for c in merged.provenance["clients"]] == [0.75, 0.25]
     assert merged.provenance["num_examples"] == 40
 
