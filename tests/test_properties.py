@@ -11,7 +11,6 @@ from hf_fedlora.strategies import ModuleInputs, get_strategy
 
 OUT, IN = 12, 10
 HETEROGENEOUS = [s for s in list_strategies() if get_strategy(s).supports_heterogeneous_ranks]
-PADDING = ["replication", "zero_padding", "hetlora"]
 
 ranks_lists = st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=5)
 weights_lists = st.lists(st.floats(min_value=0.05, max_value=20.0), min_size=5, max_size=5)
