@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmarks: memory and I/O counters, a fresh-subprocess runner, timing,
-and JSON / markdown output. Standard library plus torch only, so any benchmark can reuse them."""
+"""Helpers shared by the benchmarks: presets read from ``configs/*.yaml``, memory and I/O counters, a
+fresh-subprocess runner, timing, and JSON / markdown output. Standard library plus PyYAML and torch
+only, so any benchmark can reuse them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -14,10 +16,61 @@ import sys
 import tempfile
 import threading
 import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 MIB = 1 << 20
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PresetT = TypeVar("PresetT")
+
+
+def preset_names(benchmark: str) -> list[str]:
+    """The presets of ``benchmark``: one ``configs/<benchmark>_<preset>.yaml`` file each."""
+    return sorted(path.stem[len(benchmark) + 1 :] for path in CONFIG_DIR.glob(f"{benchmark}_*.yaml"))
+
+
+def load_preset(cls: type[PresetT], benchmark: str, name: str) -> PresetT:
+    """Read ``configs/<benchmark>_<name>.yaml`` into ``cls``, a dataclass whose ``name`` field is
+    the preset's name and whose other fields are the file's keys, every one of them.
+
+    Lists become tuples where the field is a tuple; an integer is accepted for a float field and
+    kept as written (so a preset's JSON shows the value exactly as the file has it).
+
+    Raises:
+        ValueError: a key the dataclass does not have, a field the file does not set, or a value of
+            the wrong type, naming the file and the key.
+    """
+    import yaml
+
+    path = CONFIG_DIR / f"{benchmark}_{name}.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+    unknown, missing = sorted(set(data) - set(fields)), [f for f in fields if f not in data]
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: unknown keys {unknown}, missing keys {missing}; a preset sets every field of "
+            f"{cls.__name__}: {fields}."
+        )
+    hints = typing.get_type_hints(cls)
+    return cls(name=name, **{key: _typed(path, key, data[key], hints[key]) for key in fields})
+
+
+def _typed(path: Path, key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the type ``hint`` (lists turned into tuples where ``hint`` is one)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(_typed(path, key, item, args[0]) for item in value)
+    expected = (int, float) if hint is float else (origin or hint)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, expected):
+        raise ValueError(f"{path}: `{key}` should be {getattr(hint, '__name__', hint)}, got {value!r}.")
+    return value
 
 
 def proc_status() -> dict[str, int]:
@@ -75,7 +128,7 @@ class AnonPeakSampler:
             self.peak = max(self.peak, proc_status()["RssAnon"])
             time.sleep(self.interval)
 
-    def __enter__(self) -> "AnonPeakSampler":
+    def __enter__(self) -> AnonPeakSampler:
         self._thread.start()
         return self
 

@@ -1,0 +1,328 @@
+"""What the aggregation benchmark measures: the synthetic inputs and one function per kind of case.
+
+Each case takes a JSON-able ``spec`` (built by ``bench_aggregation.plan``) and returns a JSON-able
+result. Run as a script, this module measures the one case given as its argument in this fresh
+interpreter and hands the result back through ``_common.run_child``:
+
+    python benchmarks/aggregation_cases.py '{"kind": "io_floor", "dirs": [...], ...}'
+
+Imports of torch, safetensors, peft and hf_fedlora stay inside the functions, so the memory baseline
+a case measures is that of an interpreter that imported only what the case needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    AnonPeakSampler,
+    io_counters,
+    max_rss_bytes,
+    proc_status,
+    repeat_timed,
+    summarize,
+    write_child_result,
+)
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+KEY = "base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{ab}.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One benchmark size, read from ``configs/aggregation_<name>.yaml``. ``peft_modules`` is how
+    many modules PEFT's merge is timed on per combination type; its time is extrapolated to all
+    modules."""
+
+    name: str
+    layers: int
+    hidden: int
+    clients: tuple[int, ...]
+    ranks: tuple[int, ...]
+    equal_rank: int
+    repeats: int
+    max_seconds: float
+    peft_modules: dict[str, int]
+    isolation: str
+
+    @property
+    def signature(self) -> str:
+        return f"L{self.layers}_h{self.hidden}_r{'-'.join(map(str, self.ranks))}_eq{self.equal_rank}"
+
+    @property
+    def num_modules(self) -> int:
+        return self.layers * len(PROJECTIONS)
+
+
+def client_rank(preset: Preset, kind: str, k: int) -> int:
+    return preset.equal_rank if kind == "equal" else preset.ranks[k % len(preset.ranks)]
+
+
+def write_client(folder: Path, preset: Preset, rank: int, seed: int) -> None:
+    """One client adapter exactly as PEFT writes it (config + bf16 safetensors), atomically."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    h = preset.hidden
+    tensors = {}
+    for layer in range(preset.layers):
+        for proj in PROJECTIONS:
+            a = torch.randn(rank, h, generator=gen) / math.sqrt(h)
+            b = torch.randn(h, rank, generator=gen) * 0.02
+            tensors[KEY.format(layer=layer, proj=proj, ab="A")] = a.to(torch.bfloat16)
+            tensors[KEY.format(layer=layer, proj=proj, ab="B")] = b.to(torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM",
+               base_model_name_or_path="synthetic/llama-7b-shapes").save_pretrained(str(tmp))
+    os.replace(tmp, folder)
+
+
+def input_dirs(root: Path, preset: Preset, kind: str, count: int) -> list[str]:
+    """Client folders ``0..count-1`` of a set (``kind`` is ``mixed`` or ``equal``)."""
+    return [str(root / preset.signature / kind / f"client_{k:03d}") for k in range(count)]
+
+
+def ensure_inputs(preset: Preset, dirs: list[str]) -> None:
+    """Write the client folders that are missing (inputs are cached between runs)."""
+    for folder in map(Path, dirs):
+        if not (folder / "adapter_model.safetensors").is_file():
+            k, kind = int(folder.name.split("_")[1]), folder.parent.name
+            write_client(folder, preset, client_rank(preset, kind, k), seed=k + (10_000 if kind == "equal" else 0))
+
+
+def _tensor_bytes(dirs: list[str]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for d in dirs:
+        with safe_open(os.path.join(d, "adapter_model.safetensors"), "pt") as handle:
+            for key in handle.keys():
+                s = handle.get_slice(key)
+                total += math.prod(s.get_shape()) * 2  # bf16
+    return total
+
+
+def case_io_floor(spec: dict) -> dict:
+    """Read every input tensor once with safetensors (copied into process memory), and hash the
+    files as ``aggregate_adapters`` does for provenance (``LoraAdapter.sha256``)."""
+    from safetensors import safe_open
+
+    from hf_fedlora import LoraAdapter
+
+    files = [os.path.join(d, "adapter_model.safetensors") for d in spec["dirs"]]
+    adapters = [LoraAdapter.from_pretrained(d) for d in spec["dirs"]]  # opened lazily: nothing read yet
+
+    def read(convert):
+        for f in files:
+            with safe_open(f, "pt") as handle:
+                for key in handle.keys():
+                    convert(handle.get_tensor(key))
+
+    # get_tensor may return a view of the mapped file; clone() makes it an actual read into memory.
+    variants = {
+        "read": lambda: read(lambda t: t.clone()),
+        "read_f32": lambda: read(lambda t: t.float()),
+        "sha256": lambda: [a.sha256() for a in adapters],
+    }
+    out = {name: summarize(repeat_timed(fn, spec["repeats"], spec["max_seconds"])) for name, fn in variants.items()}
+    out["file_bytes"] = sum(os.path.getsize(f) for f in files)
+    out["tensor_bytes"] = _tensor_bytes(spec["dirs"])
+    return out
+
+
+def case_strategy(spec: dict) -> dict:
+    """``aggregate_adapters`` on the folders: wall time with and without the provenance hashing,
+    peak memory, bytes read."""
+    import torch
+
+    import hf_fedlora
+    from hf_fedlora import LoraAdapter, aggregate_adapters
+
+    class UnhashedAdapter(LoraAdapter):
+        """The same adapter with the provenance hash left out, to price the hashing."""
+
+        def sha256(self) -> str:
+            return "not-hashed"
+
+    dirs, name = spec["dirs"], spec["strategy"]
+    base = {"maxrss": max_rss_bytes(), **proc_status()}
+    info: dict[str, Any] = {}
+
+    held: list = []
+
+    def run() -> None:
+        held.append(aggregate_adapters(dirs, strategy=name))
+
+    def run_unhashed() -> None:  # the same call: aggregate_adapters opens the folders with from_pretrained too
+        held.append(aggregate_adapters([UnhashedAdapter.from_pretrained(d) for d in dirs], strategy=name))
+
+    def release() -> None:  # untimed: measure the output, free it
+        result = held.pop()
+        if "output_bytes" not in info:
+            state = result.state_dict()
+            info["output_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
+            info["output_rank_max"] = max(result.ranks.values())
+        del result
+        gc.collect()
+
+    try:
+        with AnonPeakSampler() as sampler:
+            io0 = io_counters()
+            first = repeat_timed(run, 1, cleanup=release)
+            io1 = io_counters()
+            times = first + repeat_timed(run, spec["repeats"] - 1, spec["max_seconds"] - first[0], cleanup=release) \
+                if spec["repeats"] > 1 and first[0] < spec["max_seconds"] else first
+            no_hash = repeat_timed(run_unhashed, spec["repeats"], spec["max_seconds"], cleanup=release)
+    except hf_fedlora.AdapterError as exc:
+        return {"status": "n/a", "reason": str(exc)}
+    ranks = [int(json.load(open(os.path.join(d, "adapter_config.json")))["r"]) for d in dirs]
+    a_dim = b_dim = spec["hidden"]
+    module_inputs_f32 = sum(r * (a_dim + b_dim) * 4 for r in ranks)
+    return {
+        "status": "ok",
+        "time": summarize(times),
+        "time_no_hash": summarize(no_hash),
+        "peak_anon_delta": sampler.delta,
+        "peak_rss_delta": max_rss_bytes() - base["maxrss"],
+        "baseline_rss": base["VmRSS"],
+        "rchar_per_run": io1["rchar"] - io0["rchar"],
+        "storage_read_bytes_first_run": io1["read_bytes"] - io0["read_bytes"],
+        "tensor_bytes": _tensor_bytes(dirs),
+        "module_inputs_f32_bytes": module_inputs_f32,
+        "torch_threads": torch.get_num_threads(),
+        **info,
+    }
+
+
+def _tiny_model(hidden: int, modules: list[tuple[int, str]]):
+    """Just the sampled Linear layers of a Llama, at the paths PEFT's keys name."""
+    import torch
+    from torch import nn
+
+    layers = nn.ModuleList()
+    for layer in range(max(m[0] for m in modules) + 1):
+        block, attn = nn.Module(), nn.Module()
+        for proj in PROJECTIONS:
+            if (layer, proj) in modules:
+                setattr(attn, proj, nn.Linear(hidden, hidden, bias=False, dtype=torch.float32))
+        block.self_attn = attn
+        layers.append(block)
+    inner, outer = nn.Module(), nn.Module()
+    inner.layers = layers
+    outer.model = inner
+    outer.prepare_inputs_for_generation = lambda *args, **kwargs: {}  # PeftModelForCausalLM asks for it
+    return outer
+
+
+def case_peft(spec: dict) -> dict:
+    """PEFT's ``add_weighted_adapter`` on a sample of modules, extrapolated to all of them."""
+    import logging
+
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    sample = [(layer, proj) for layer in range(spec["layers"]) for proj in sorted(PROJECTIONS)][: spec["sample"]]
+    model = _tiny_model(spec["hidden"], sample)
+    dirs = spec["dirs"]
+    start = time.perf_counter()
+    peft_model = PeftModel.from_pretrained(model, dirs[0], adapter_name="c0")
+    for k, d in enumerate(dirs[1:], 1):
+        peft_model.load_adapter(d, adapter_name=f"c{k}")
+    load_s = time.perf_counter() - start
+    names = [f"c{k}" for k in range(len(dirs))]
+    weights = [1.0 / len(dirs)] * len(dirs)
+
+    def merge() -> None:
+        peft_model.add_weighted_adapter(names, weights, "merged", combination_type=spec["combination"])
+        peft_model.delete_adapter("merged")
+
+    times = summarize(repeat_timed(merge, spec["repeats"], spec["max_seconds"]))
+    factor = spec["num_modules"] / len(sample)
+    return {
+        "combination_type": spec["combination"],
+        "sampled_modules": [f"layers.{layer}.self_attn.{proj}" for layer, proj in sample],
+        "time_sample": times,
+        "extrapolation_factor": factor,
+        "time_extrapolated": {"median": times["median"] * factor, "min": times["min"] * factor},
+        "load_adapters_s": load_s,
+    }
+
+
+def case_dense_svd(spec: dict) -> dict:
+    """FlexLoRA's factored SVD of one module against ``torch.linalg.svd`` of the dense sum."""
+    import torch
+
+    from hf_fedlora import LoraAdapter, get_strategy
+    from hf_fedlora.strategies import ModuleInputs
+
+    adapters = [LoraAdapter.from_pretrained(d) for d in spec["dirs"]]
+    module = adapters[0].modules[0]
+    folded = [a.folded_factors(module) for a in adapters]
+    p = torch.full((len(adapters),), 1.0 / len(adapters))
+    inputs = ModuleInputs(name=module, a=[f[0] for f in folded], b=[f[1] for f in folded], weights=p)
+    strategy = get_strategy("flexlora")
+    holder: dict[str, Any] = {}
+
+    def flex() -> None:
+        holder["ab"] = strategy.aggregate_module(inputs)
+
+    def dense_sum() -> None:
+        holder["w"] = sum(w * (b @ a) for w, (a, b) in zip(p, folded))
+
+    def dense_svd() -> None:
+        holder["svd"] = torch.linalg.svd(holder["w"], full_matrices=False)
+
+    t_flex = summarize(repeat_timed(flex, spec["repeats"], spec["max_seconds"]))
+    t_sum = summarize(repeat_timed(dense_sum, spec["repeats"], spec["max_seconds"]))
+    t_svd = summarize(repeat_timed(dense_svd, spec["svd_repeats"], spec["max_seconds"]))
+    rank = inputs.max_rank
+    u, s, vh = holder["svd"]
+    w = holder["w"]
+    dense = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    a, b = holder["ab"]
+    flexr = b @ a
+    norm = lambda x: float(torch.linalg.matrix_norm(x))  # noqa: E731
+    return {
+        "module": module,
+        "shape": list(w.shape),
+        "sum_ranks": sum(inputs.ranks),
+        "target_rank": rank,
+        "flexlora": t_flex,
+        "dense_sum": t_sum,
+        "dense_svd": t_svd,
+        "speedup_svd_only": t_svd["median"] / t_flex["median"],
+        "speedup_sum_plus_svd": (t_svd["median"] + t_sum["median"]) / t_flex["median"],
+        "rel_diff_reconstructions": norm(flexr - dense) / norm(dense),
+        "rel_error_flexlora": norm(w - flexr) / norm(w),
+        "rel_error_dense": norm(w - dense) / norm(w),
+    }
+
+
+CASES = {"io_floor": case_io_floor, "strategy": case_strategy, "peft": case_peft, "dense_svd": case_dense_svd}
+
+
+def run_case(spec: dict) -> dict:
+    """Measure one case (``spec["kind"]`` names it) in this process."""
+    return CASES[spec["kind"]](spec)
+
+
+if __name__ == "__main__":
+    write_child_result(run_case(json.loads(sys.argv[1])))
