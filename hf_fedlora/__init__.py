@@ -9,11 +9,10 @@ The core entry points::
     client_view = global_adapter.to_rank(4, lora_alpha=8)
 """
 
-__version__ = "0.1.0.dev0"
-
-from .adapters import LoraAdapter  # noqa: E402
-from .aggregation import aggregate_adapters  # noqa: E402
-from .errors import (  # noqa: E402
+from .adapters import LoraAdapter, pull_round
+from .aggregation import aggregate_adapters
+from .constants import __version__
+from .errors import (
     AdapterError,
     AdapterFormatError,
     AdapterNotFoundError,
@@ -25,7 +24,7 @@ from .errors import (  # noqa: E402
     UnsafeFormatError,
     UnsupportedAdapterError,
 )
-from .strategies import Strategy, get_strategy, list_strategies, register_strategy  # noqa: E402
+from .strategies import Strategy, get_strategy, list_strategies, register_strategy
 
 __all__ = [
     "AdapterError",
@@ -44,5 +43,6 @@ __all__ = [
     "aggregate_adapters",
     "get_strategy",
     "list_strategies",
+    "pull_round",
     "register_strategy",
 ]

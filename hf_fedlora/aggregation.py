@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .adapters import LoraAdapter
 from .adapters.keys import lora_a_key, lora_b_key
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
 from .adapters.validate import check_compatible
+from .constants import __version__
 from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError
 from .strategies import ModuleInputs, Strategy, get_strategy
+
 
 def resolve_weights(
     adapters: Sequence[LoraAdapter],

@@ -10,17 +10,15 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from . import __version__
 from .adapters import LoraAdapter
 from .aggregation import aggregate_adapters
+from .constants import __version__
 from .errors import AdapterError
 from .strategies import get_strategy, list_strategies
-
-logger = logging.getLogger("hf_fedlora")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

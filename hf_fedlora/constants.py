@@ -6,6 +6,10 @@ from typing import Literal, get_args
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+__version__ = "0.1.0.dev0"
+"""The package version (``hf_fedlora.__version__``), recorded in provenance files and Hub commits;
+it lives here so that modules below the package root can read it without importing the root."""
+
 ADAPTER_CONFIG_NAME = CONFIG_NAME  # "adapter_config.json"
 ADAPTER_SAFETENSORS_NAME = SAFETENSORS_WEIGHTS_NAME  # "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = WEIGHTS_NAME  # "adapter_model.bin"
@@ -31,6 +35,7 @@ def check_send_back(method: object, field: str = "send_back") -> SendBackMethod:
     return method  # type: ignore[return-value]
 
 __all__ = [
+    "__version__",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_PICKLE_NAME",
     "ADAPTER_SAFETENSORS_NAME",

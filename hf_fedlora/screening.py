@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
-
+from typing import Any
 
 from .adapters import AdapterSource, LoraAdapter, describe_source, resolve_adapter
 from .adapters.validate import check_compatible

@@ -11,9 +11,9 @@ import yaml
 from hub_server import LocalHub
 from testing_utils import HUB_TOKEN, tiny_bert, write_peft_adapter
 
-from hf_fedlora import LoraAdapter, aggregate_adapters
+from hf_fedlora import LoraAdapter, aggregate_adapters, pull_round
 from hf_fedlora.constants import ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
-from hf_fedlora.hub import HubPushError, list_rounds, pull_round, push_round, round_tag
+from hf_fedlora.hub import HubPushError, list_rounds, push_round, round_tag
 
 REPO = "user/fed-tiny"
 CARD = {
@@ -131,6 +131,11 @@ def test_model_card_metadata_federation_metrics_and_loading(rounds, hub_env: Loc
     assert "| round | eval_accuracy | eval_loss |" in text
     assert "| 1 | 0.6000 | 1.0000 |" in text and "| 2 | 0.7000 | 0.5000 |" in text
     assert f'PeftModel.from_pretrained(base, "{REPO}", revision="round-0002")' in text
+    assert "AutoModelForSequenceClassification" in text
+    round1 = hub_env.file_bytes(REPO, "round-0001", "README.md").decode()
+    assert "| 2 | 0.7000" not in round1 and 'revision="round-0001"' in round1
+
+
 def test_model_card_of_an_output_folder_shows_the_run(rounds) -> None:
     from huggingface_hub import ModelCard
 
@@ -149,11 +154,6 @@ def test_model_card_of_an_output_folder_shows_the_run(rounds) -> None:
     assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=4)' in text
     assert 'PeftModel.from_pretrained(base, "round-0002")' in text
     assert "```bash\naccelerate launch recipes/fed_glue.py\n```" in text
-
-
-    assert "AutoModelForSequenceClassification" in text
-    round1 = hub_env.file_bytes(REPO, "round-0001", "README.md").decode()
-    assert "| 2 | 0.7000" not in round1 and 'revision="round-0001"' in round1
 
 
 def test_aggregate_adapters_from_hub_repo_ids(tmp_path: Path, hub_env: LocalHub) -> None:
@@ -216,3 +216,25 @@ def test_card_refused_for_unknown_base_model_is_pushed_without_it(rounds, hub_en
     assert "base_model" not in meta and meta["library_name"] == "peft"
     assert f"`{CARD['base_model']}`" in text  # still named in the description
     assert hub_env.repos[REPO].tags == {"round-0001": sha}
+
+
+def test_push_round_refuses_a_folder_that_is_not_a_lora_adapter(rounds, tmp_path: Path, hub_env: LocalHub) -> None:
+    from hf_fedlora import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
+
+    with pytest.raises(AdapterNotFoundError, match="no such folder"):
+        _push(tmp_path / "missing", 1, hub_env)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / ADAPTER_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(AdapterFormatError, match=ADAPTER_CONFIG_NAME):
+        _push(broken, 1, hub_env)
+    (broken / ADAPTER_CONFIG_NAME).write_text((rounds[1] / ADAPTER_CONFIG_NAME).read_text())
+    with pytest.raises(AdapterNotFoundError, match=ADAPTER_SAFETENSORS_NAME):
+        _push(broken, 1, hub_env)
+    (broken / ADAPTER_SAFETENSORS_NAME).write_bytes((rounds[1] / ADAPTER_SAFETENSORS_NAME).read_bytes()[:100])
+    with pytest.raises(AdapterFormatError, match="not a valid safetensors file"):
+        _push(broken, 1, hub_env)
+    (broken / ADAPTER_CONFIG_NAME).write_text('{"peft_type": "IA3", "target_modules": ["query"]}')
+    with pytest.raises(UnsupportedAdapterError, match="LoRA adapters only"):
+        _push(broken, 1, hub_env)
+    assert hub_env.count("POST", "/commit/") == 0 and REPO not in hub_env.repos

@@ -12,9 +12,9 @@ import pytest
 from hub_server import LocalHub
 from testing_utils import HUB_TOKEN, write_peft_adapter
 
-from hf_fedlora import LoraAdapter, aggregate_adapters
+from hf_fedlora import LoraAdapter, aggregate_adapters, pull_round
 from hf_fedlora.cli import main
-from hf_fedlora.hub import HubPathError, HubPushError, list_rounds, pull_round, push_round, round_tag
+from hf_fedlora.hub import HubPathError, HubPushError, list_rounds, push_round, round_tag
 from hf_fedlora.hub.pull import check_repo_path
 
 REPO = "user/fed-tiny"

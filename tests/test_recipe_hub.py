@@ -8,7 +8,8 @@ import hashlib
 from hub_server import LocalHub
 from testing_utils import HUB_TOKEN, recipe_args, run_recipe
 
-from hf_fedlora.hub import list_rounds, pull_round
+from hf_fedlora import pull_round
+from hf_fedlora.hub import list_rounds
 
 REPO = "user/fed-recipe"
 

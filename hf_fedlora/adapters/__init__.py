@@ -2,8 +2,8 @@
 
 from .adapter import LoraAdapter
 from .keys import lora_a_key, lora_b_key, module_path, pattern_for
-from .sources import AdapterSource, describe_source, resolve_adapter
 from .scaling import declared_rank_alpha, fold, lora_scale, module_scale, unfold
+from .sources import AdapterSource, describe_source, pull_round, resolve_adapter
 
 __all__ = [
     "AdapterSource",
@@ -17,6 +17,7 @@ __all__ = [
     "module_path",
     "module_scale",
     "pattern_for",
+    "pull_round",
     "resolve_adapter",
     "unfold",
 ]

@@ -5,29 +5,39 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
-from .. import __version__
 from ..constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_PICKLE_NAME,
     ADAPTER_SAFETENSORS_NAME,
     PROVENANCE_NAME,
     SendBackMethod,
+    __version__,
     check_send_back,
 )
 from ..errors import AdapterError, AdapterNotFoundError, UnsafeFormatError
 from ..linalg import factored_svd, lora_a_init, pad_cols, pad_rows
-from .io import MemoryStore, SafetensorsStore, TensorStore, atomic_output_dir, read_json, sha256_file, write_json
+from .folders import resolve_source
+from .io import (
+    MemoryStore,
+    SafetensorsStore,
+    TensorStore,
+    atomic_output_dir,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from .keys import lora_a_key, lora_b_key, split_keys
 from .scaling import fold, lora_scale, module_scale, unfold
-from .folders import resolve_source
 from .validate import check_factor_shapes, check_finite, lora_config_from_dict
 
 
@@ -75,7 +85,7 @@ class LoraAdapter:
         cache_dir: str | os.PathLike | None = None,
         allow_pickle: bool = False,
         label: str | None = None,
-    ) -> "LoraAdapter":
+    ) -> LoraAdapter:
         """Open a PEFT adapter folder, or download one from the Hub.
 
         Args:
@@ -113,7 +123,7 @@ class LoraAdapter:
         return cls(config, store, label=label, provenance=provenance, directory=folder)
 
     @classmethod
-    def from_peft_model(cls, model: Any, adapter_name: str | None = None, *, label: str | None = None) -> "LoraAdapter":
+    def from_peft_model(cls, model: Any, adapter_name: str | None = None, *, label: str | None = None) -> LoraAdapter:
         """Take an adapter (default: the active one) out of a ``peft.PeftModel``, as PEFT would save it."""
         from peft import get_peft_model_state_dict
 
@@ -131,11 +141,11 @@ class LoraAdapter:
         *,
         label: str = "in-memory adapter",
         provenance: Mapping[str, Any] | None = None,
-    ) -> "LoraAdapter":
+    ) -> LoraAdapter:
         """Wrap tensors keyed as PEFT saves them (``...lora_A.weight``, ``...lora_B.weight``, extras)."""
         return cls(config, MemoryStore(state_dict), label=label, provenance=provenance)
 
-    def relabel(self, label: str) -> "LoraAdapter":
+    def relabel(self, label: str) -> LoraAdapter:
         """The same adapter (sharing its tensors) under another name for error messages."""
         twin = copy.copy(self)
         twin.label = label
@@ -269,7 +279,7 @@ class LoraAdapter:
         use_rslora: bool = False,
         method: SendBackMethod = "truncate",
         seed: int = 0,
-    ) -> "LoraAdapter":
+    ) -> LoraAdapter:
         """The view of this adapter a client of rank ``rank`` trains from (every module at ``rank``).
 
         Factors are unfolded to the client's scale (``lora_alpha / rank``, or ``/ sqrt(rank)`` with
@@ -328,11 +338,45 @@ class LoraAdapter:
         provenance = {k: v for k, v in self.provenance.items() if k != "num_examples"}
         return LoraAdapter(config, MemoryStore(state), label=f"{self.label} at rank {rank}", provenance=provenance)
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload this adapter to the Hub in one commit (see :func:`hf_fedlora.hub.push_adapter`)."""
-        from ..hub.push import push_adapter
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision_tag: str | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        model_card: str | None = None,
+        endpoint: str | None = None,
+        max_retries: int = 5,
+    ) -> str:
+        """Upload this adapter to the Hub in one commit: its PEFT files, provenance and a model card.
 
-        return push_adapter(self, repo_id, **kwargs)
+        The adapter is saved to a temporary folder, which :func:`hf_fedlora.hub.push_adapter_folder`
+        uploads (see it for the arguments). The result loads with
+        ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
+
+        Returns:
+            The commit sha.
+
+        Raises:
+            HubPushError: the push failed, or ``revision_tag`` already exists.
+        """
+        from ..hub.push import push_adapter_folder
+
+        with tempfile.TemporaryDirectory(prefix="hf-fedlora-push-") as tmp:
+            return push_adapter_folder(
+                self.save_pretrained(Path(tmp) / "adapter"),
+                repo_id,
+                revision_tag=revision_tag,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                model_card=model_card,
+                endpoint=endpoint,
+                max_retries=max_retries,
+                label=self.label,
+            )
 
     def __repr__(self) -> str:
         ranks = sorted(set(self.ranks.values()))

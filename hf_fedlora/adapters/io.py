@@ -9,8 +9,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open

@@ -8,8 +8,8 @@ A module name is PEFT's key without ``.lora_A.weight`` (e.g.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from ..constants import LORA_A_SUFFIX, LORA_B_SUFFIX, PEFT_PREFIX
 from ..errors import AdapterFormatError, UnsupportedAdapterError

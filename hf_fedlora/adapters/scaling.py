@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from peft import LoraConfig

@@ -1,15 +1,16 @@
 """What ``aggregate_adapters`` and ``screen_clients`` accept as a client: any :data:`AdapterSource`,
-turned into a ``LoraAdapter`` named for error messages."""
+turned into a ``LoraAdapter`` named for error messages; and :func:`pull_round`, a federation round
+of a Hub repo as a ``LoraAdapter``."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Union
+from typing import Any
 
 from ..errors import AdapterError
 from .adapter import LoraAdapter
 
-AdapterSource = Union[str, os.PathLike, LoraAdapter, Any]
+AdapterSource = str | os.PathLike | LoraAdapter | Any
 """A PEFT folder, a Hub repo id (``"user/repo"`` or ``"user/repo@revision"``), a ``LoraAdapter``
 or a ``peft.PeftModel`` (its active adapter)."""
 
@@ -41,4 +42,39 @@ def resolve_adapter(source: AdapterSource, label: str, **load_kwargs: Any) -> Lo
     )
 
 
-__all__ = ["AdapterSource", "describe_source", "resolve_adapter"]
+def pull_round(
+    repo_id: str,
+    round_index: int,
+    *,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_retries: int = 5,
+) -> LoraAdapter:
+    """The global adapter of round ``round_index`` of ``repo_id`` (the commit tagged ``round-NNNN``).
+
+    Args:
+        repo_id: ``"user/name"``.
+        round_index: the round; see :func:`hf_fedlora.hub.list_rounds`.
+        token: Hub token for private repos; never logged.
+        endpoint: Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
+        cache_dir: Hub cache folder.
+        max_retries: retries for connection errors, timeouts and 408/429/5xx answers.
+
+    Returns:
+        A ``LoraAdapter`` labelled ``user/name@round-NNNN``, with the round's provenance.
+
+    Raises:
+        AdapterNotFoundError: no such repo or round, or the Hub could not be reached.
+        HubPathError: the repo lists a file name that escapes the download folder.
+    """
+    from ..hub.pull import download_round
+    from ..hub.push import round_tag
+
+    folder = download_round(
+        repo_id, round_index, token=token, endpoint=endpoint, cache_dir=cache_dir, max_retries=max_retries
+    )
+    return LoraAdapter.from_pretrained(folder, label=f"{repo_id}@{round_tag(round_index)}")
+
+
+__all__ = ["AdapterSource", "describe_source", "pull_round", "resolve_adapter"]

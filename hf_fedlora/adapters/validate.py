@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig
@@ -18,8 +19,20 @@ from ..errors import (
 from .keys import lora_a_key, lora_b_key
 from .scaling import declared_rank_alpha
 
-if TYPE_CHECKING:
-    from .adapter import LoraAdapter
+
+class AdapterLayout(Protocol):
+    """What these checks read of a ``LoraAdapter``: its config and tensor headers, never its data."""
+
+    label: str
+    config: LoraConfig
+    modules: tuple[str, ...]
+    extras: tuple[str, ...]
+
+    def factor_shapes(self, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]: ...
+
+    def tensor_dtype(self, key: str) -> torch.dtype | None: ...
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]: ...
 
 
 def lora_config_from_dict(data: dict[str, Any], where: str) -> LoraConfig:
@@ -56,7 +69,7 @@ def lora_config_from_dict(data: dict[str, Any], where: str) -> LoraConfig:
         raise AdapterFormatError(f"{where}, file '{ADAPTER_CONFIG_NAME}': not a valid LoraConfig ({exc}).") from exc
 
 
-def check_factor_shapes(adapter: "LoraAdapter") -> None:
+def check_factor_shapes(adapter: AdapterLayout) -> None:
     """Every module's A and B agree with each other and with the rank its config declares.
 
     Reads tensor headers only, no data.
@@ -112,7 +125,7 @@ def _first_difference(reference: Sequence[str], other: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def check_compatible(adapters: Sequence["LoraAdapter"], check_base_model: bool = True) -> None:
+def check_compatible(adapters: Sequence[AdapterLayout], check_base_model: bool = True) -> None:
     """All adapters adapt the same base model, the same modules, with the same layer shapes.
 
     Raises:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from .errors import HubPathError, HubPushError, redact
 
-logger = logging.getLogger("hf_fedlora.hub")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from pathlib import Path
-
-logger = logging.getLogger("hf_fedlora.hub")
 
 
 def add_push_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -68,7 +65,7 @@ def run_push(args: argparse.Namespace) -> int:
     """Handler of ``hf-fedlora push``; returns the exit status (0 pushed or already there)."""
     from ..adapters import LoraAdapter
     from ..errors import AdapterError
-    from .push import push_adapter, push_round, round_tag
+    from .push import push_round, round_tag
 
     if not os.path.isdir(args.directory):
         raise AdapterError(f"'{args.directory}' is not a folder; pass the adapter folder to push.")
@@ -96,9 +93,8 @@ def run_push(args: argparse.Namespace) -> int:
         else:
             print(f"pushed {args.directory} to {args.repo_id}: commit {sha[:7]}, tag {tag}")
         return 0
-    adapter = LoraAdapter.from_pretrained(args.directory)
-    sha = push_adapter(
-        adapter,
+    # read and check in full, then pushed as LoraAdapter.push_to_hub writes it
+    sha = LoraAdapter.from_pretrained(args.directory).push_to_hub(
         args.repo_id,
         revision_tag=args.tag,
         commit_message=args.message,

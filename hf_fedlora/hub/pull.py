@@ -1,22 +1,19 @@
-"""Pull federation rounds from the Hub: list the ``round-NNNN`` tags, download a round as a
-``LoraAdapter``. File names the repo lists are checked before anything is downloaded."""
+"""Pull federation rounds from the Hub: list the ``round-NNNN`` tags, download a round's folder.
+File names the repo lists are checked before anything is downloaded. (``hf_fedlora.pull_round``
+opens a downloaded round as a ``LoraAdapter``.)"""
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import re
 from pathlib import Path
 
-from ..adapters import LoraAdapter
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, MODEL_CARD_NAME, PROVENANCE_NAME
 from ..errors import AdapterNotFoundError
 from ._retry import RetryError, describe, with_retries
 from .errors import HubPathError, redact
 from .push import _api, round_tag
-
-logger = logging.getLogger("hf_fedlora.hub")
 
 _ROUND_TAG = re.compile(r"^round-(\d{4,})$")
 ROUND_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME, MODEL_CARD_NAME)
@@ -156,36 +153,4 @@ def download_round(
     return Path(folder)
 
 
-def pull_round(
-    repo_id: str,
-    round_index: int,
-    *,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    max_retries: int = 5,
-) -> LoraAdapter:
-    """The global adapter of round ``round_index`` of ``repo_id`` (the commit tagged ``round-NNNN``).
-
-    Args:
-        repo_id: ``"user/name"``.
-        round_index: the round; see :func:`list_rounds`.
-        token: Hub token for private repos; never logged.
-        endpoint: Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
-        cache_dir: Hub cache folder.
-        max_retries: retries for connection errors, timeouts and 408/429/5xx answers.
-
-    Returns:
-        A ``LoraAdapter`` labelled ``user/name@round-NNNN``, with the round's provenance.
-
-    Raises:
-        AdapterNotFoundError: no such repo or round, or the Hub could not be reached.
-        HubPathError: the repo lists a file name that escapes the download folder.
-    """
-    folder = download_round(
-        repo_id, round_index, token=token, endpoint=endpoint, cache_dir=cache_dir, max_retries=max_retries
-    )
-    return LoraAdapter.from_pretrained(folder, label=f"{repo_id}@{round_tag(round_index)}")
-
-
-__all__ = ["check_inside", "check_repo_path", "download_round", "list_rounds", "pull_round"]
+__all__ = ["check_inside", "check_repo_path", "download_round", "list_rounds"]

@@ -1,5 +1,7 @@
-"""Push adapters and federation rounds to the Hub: one commit per round, then a ``round-NNNN`` tag.
+"""Push adapter folders and federation rounds to the Hub: one commit per round, then a ``round-NNNN`` tag.
 
+The Hub layer works on PEFT folders and never needs the ``LoraAdapter`` type
+(``LoraAdapter.push_to_hub`` saves itself to a folder and calls :func:`push_adapter_folder`).
 A push only reads the local files, so a failed push never loses a round's output; transient
 failures are retried with backoff, and a round whose tag already exists is skipped, so a run
 resumed after a crash never pushes a round twice.
@@ -9,19 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..adapters import LoraAdapter
-from ..constants import MODEL_CARD_NAME, ROUND_TAG_FORMAT
+from ..constants import MODEL_CARD_NAME, ROUND_TAG_FORMAT, __version__
 from ._retry import RetryError, describe, status_of, with_retries
 from .errors import HubPushError, redact
+from .folders import collect_files, read_adapter_folder
 from .model_card import build_model_card
 
-logger = logging.getLogger("hf_fedlora.hub")
+logger = logging.getLogger(__name__)
 
 
 def round_tag(round_index: int) -> str:
@@ -51,20 +51,6 @@ def existing_tag(api: Any, repo_id: str, tag: str, *, max_retries: int, token: o
     if found is None:
         return None
     return next((t.target_commit for t in found.tags if t.name == tag), None)
-
-
-def _collect_files(folder: Path) -> dict[str, Path]:
-    """Files to upload from ``folder``: every regular file, recursively, except hidden ones
-    (temporary files of atomic saves) and a ``README.md`` (replaced by the generated card)."""
-    files: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if rel.as_posix() == MODEL_CARD_NAME:
-            continue
-        files[rel.as_posix()] = path
-    return files
 
 
 def _failure(what: str, repo_id: str, error: RetryError, token: object, local: Path | None) -> HubPushError:
@@ -190,8 +176,8 @@ def _create_tag(api: Any, repo_id: str, tag: str, sha: str, *, max_retries: int,
     with_retries(create, f"tagging {tag}", max_retries=max_retries, token=token)
 
 
-def push_adapter(
-    adapter: LoraAdapter,
+def push_adapter_folder(
+    folder: str | os.PathLike,
     repo_id: str,
     *,
     revision_tag: str | None = None,
@@ -201,14 +187,16 @@ def push_adapter(
     model_card: str | None = None,
     endpoint: str | None = None,
     max_retries: int = 5,
+    label: str | None = None,
 ) -> str:
-    """Upload an adapter to a Hub repo in one commit (adapter files, provenance, model card).
+    """Upload a PEFT adapter folder to a Hub repo in one commit (its files and a model card).
 
-    ``LoraAdapter.push_to_hub(repo_id, **kwargs)`` calls this. The result loads with
-    ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
+    ``LoraAdapter.push_to_hub(repo_id, **kwargs)`` saves the adapter to a temporary folder and
+    calls this. The result loads with ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
 
     Args:
-        adapter: the adapter to upload (saved to a temporary folder first, as PEFT files).
+        folder: the adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, optional
+            ``fedlora_provenance.json``); hidden files and a ``README.md`` are not uploaded.
         repo_id: ``"user/name"``; created if missing.
         revision_tag: tag the commit (e.g. ``"round-0003"``); it must not exist yet.
         commit_message: default ``"Upload LoRA adapter"``.
@@ -217,40 +205,39 @@ def push_adapter(
         model_card: ``README.md`` text; default: a card generated from the config and provenance.
         endpoint: Hub URL (default: ``HF_ENDPOINT`` or https://huggingface.co).
         max_retries: retries for connection errors, timeouts and 408/429/5xx answers.
+        label: how messages name the adapter (default: the folder).
 
     Returns:
         The commit sha.
 
     Raises:
+        AdapterNotFoundError, AdapterFormatError: ``folder`` is not a PEFT LoRA adapter folder.
         HubPushError: the push failed (the message says which step and why), or ``revision_tag``
             already exists.
     """
-    with tempfile.TemporaryDirectory(prefix="hf-fedlora-push-") as tmp:
-        folder = adapter.save_pretrained(Path(tmp) / "adapter")
-        files: dict[str, Path | bytes] = dict(_collect_files(folder))
-        card_args: dict[str, Any] = {"config": adapter.config, "provenance": adapter.provenance}
-        card = model_card if model_card is not None else build_model_card(repo_id, **card_args)
-        files[MODEL_CARD_NAME] = card.encode("utf-8")
-        plain = (
-            None
-            if model_card is not None
-            else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
-        )
-        message = commit_message or ("Upload LoRA adapter" + (f" ({revision_tag})" if revision_tag else ""))
-        sha = _push_files(
-            repo_id,
-            files,
-            tag=revision_tag,
-            commit_message=message,
-            private=private,
-            token=token,
-            endpoint=endpoint,
-            max_retries=max_retries,
-            what=f"adapter {adapter.label!r}",
-            local=None,
-            skip_if_tagged=False,
-            plain_card=plain,
-        )
+    folder = Path(folder)
+    label = label or str(folder)
+    config, provenance = read_adapter_folder(folder, label)
+    files: dict[str, Path | bytes] = dict(collect_files(folder))
+    card_args: dict[str, Any] = {"config": config, "provenance": provenance}
+    card = model_card if model_card is not None else build_model_card(repo_id, **card_args)
+    files[MODEL_CARD_NAME] = card.encode("utf-8")
+    plain = None if model_card is not None else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
+    message = commit_message or ("Upload LoRA adapter" + (f" ({revision_tag})" if revision_tag else ""))
+    sha = _push_files(
+        repo_id,
+        files,
+        tag=revision_tag,
+        commit_message=message,
+        private=private,
+        token=token,
+        endpoint=endpoint,
+        max_retries=max_retries,
+        what=f"adapter {label!r}",
+        local=None,
+        skip_if_tagged=False,
+        plain_card=plain,
+    )
     assert sha is not None
     return sha
 
@@ -298,19 +285,18 @@ def push_round(
     """
     tag = round_tag(round_index)
     folder = Path(round_dir)
-    # reading the folder checks it is a PEFT adapter before anything is sent
-    adapter = LoraAdapter.from_pretrained(folder, label=f"round {round_index} ('{folder}')")
-    files: dict[str, Path | bytes] = dict(_collect_files(folder))
+    config, provenance = read_adapter_folder(folder, f"round {round_index} ('{folder}')")
+    files: dict[str, Path | bytes] = dict(collect_files(folder))
     card_args: dict[str, Any] = {
         "round_index": round_index,
-        "config": adapter.config,
-        "provenance": adapter.provenance,
+        "config": config,
+        "provenance": provenance,
         "card_info": card_info,
         "metrics_history": metrics_history,
     }
     files[MODEL_CARD_NAME] = build_model_card(repo_id, **card_args).encode("utf-8")
     plain_card = build_model_card(repo_id, link_hub_repos=False, **card_args).encode("utf-8")
-    strategy = (card_info or {}).get("strategy") or adapter.provenance.get("strategy")
+    strategy = (card_info or {}).get("strategy") or provenance.get("strategy")
     message = f"Round {round_index}: global adapter" + (f" ({strategy})" if strategy else "")
     return _push_files(
         repo_id,
@@ -328,4 +314,4 @@ def push_round(
     )
 
 
-__all__ = ["HubPushError", "existing_tag", "push_adapter", "push_round", "round_tag"]
+__all__ = ["existing_tag", "push_adapter_folder", "push_round", "round_tag"]

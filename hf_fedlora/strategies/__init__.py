@@ -5,10 +5,10 @@ importing its module; ``aggregate_adapters(..., strategy="<name>")`` then finds 
 """
 
 from .base import ModuleInputs, Strategy
-from .registry import get_strategy, list_strategies, register_strategy
 from .fedavg import FedAvgStrategy
 from .flexlora import FlexLoraStrategy
 from .hetlora import HetLoraStrategy
+from .registry import get_strategy, list_strategies, register_strategy
 from .replication import ReplicationStrategy
 from .stacking import StackingStrategy
 from .zero_padding import ZeroPaddingStrategy

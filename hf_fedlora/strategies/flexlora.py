@@ -8,7 +8,7 @@ exact and never builds the dense ``out x in`` matrix.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ Concatenates the clients' factors, ``A = [p_1 A_1; ...; p_K A_K]`` and ``B = [B_
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
