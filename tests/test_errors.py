@@ -70,6 +70,12 @@ def test_missing_folder_is_not_found():
         hfl.aggregate_adapters(["/definitely/not/here"])
 
 
+@pytest.mark.parametrize("source", ["../x", "user/repo..x", "user/a/b", "a--b", "user/re po@main"])
+def test_a_missing_folder_that_is_no_repo_id_is_not_downloaded(source):
+    with pytest.raises(hfl.AdapterNotFoundError, match="is not a valid Hub repo id"):
+        hfl.LoraAdapter.from_pretrained(source)
+
+
 def test_failed_save_leaves_no_partial_output(make_adapter, tmp_path, monkeypatch):
     import hf_fedlora.adapters.adapter as adapter_module
 

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
 from ..errors import AdapterFormatError, AdapterNotFoundError
-
-_REPO_ID = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
-
+from ..hub.errors import is_repo_id
 
 def split_revision(source: str, revision: str | None = None) -> tuple[str, str | None]:
     """Split ``"user/repo@rev"`` into ``("user/repo", "rev")``; an explicit ``revision`` wins."""
@@ -19,11 +16,6 @@ def split_revision(source: str, revision: str | None = None) -> tuple[str, str |
         repo_id, _, rev = source.rpartition("@")
         return repo_id, revision or rev or None
     return source, revision
-
-
-def looks_like_repo_id(source: str) -> bool:
-    """True for ``name`` or ``namespace/name`` with the characters the Hub allows."""
-    return bool(_REPO_ID.match(source)) and ".." not in source
 
 
 def resolve_source(
@@ -62,7 +54,7 @@ def resolve_source(
         )
     repo_id, rev = split_revision(text, revision)
     label = where or (f"{repo_id}@{rev}" if rev else repo_id)
-    if not looks_like_repo_id(repo_id):
+    if not is_repo_id(repo_id):  # also refuses '..' (no path tricks through a repo id)
         raise AdapterNotFoundError(f"{label}: no such folder, and '{repo_id}' is not a valid Hub repo id.")
     return _download(repo_id, rev, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, label=label), label
 
