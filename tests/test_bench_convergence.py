@@ -69,6 +69,7 @@ def test_smoke_markdown_plots_and_resume(smoke: dict) -> None:
     assert again["summary"]["strategies"]["replication"]["auc"] == smoke["report"]["summary"]["strategies"]["replication"]["auc"]
 
 
+@pytest.mark.slow
 def test_parallel_runs_give_the_same_results_as_in_process(smoke: dict, tmp_path: Path) -> None:
     """--jobs 2: each run in its own spawned process, with the same curves as the in-process runs."""
     argv = [a for a in smoke["argv"]]

@@ -91,6 +91,7 @@ def _replies(out: Path, server_round: int) -> tuple[list[LoraAdapter], list[int]
     return [LoraAdapter.from_pretrained(folder / str(n)) for n in nodes], [m["num_examples"] for m in meta], [m["rank"] for m in meta]
 
 
+@pytest.mark.slow
 def test_flower_simulation_heterogeneous_ranks_matches_aggregate_adapters(tmp_path: Path, monkeypatch) -> None:
     from flwr.simulation import run_simulation
 

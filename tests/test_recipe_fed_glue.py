@@ -136,6 +136,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_global_adapter_as_one(baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "k2"
     command = [

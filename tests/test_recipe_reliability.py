@@ -43,6 +43,7 @@ def _assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporaries left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_sigkill_at_a_crash_point_then_resume(point, baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / point
@@ -56,6 +57,7 @@ def test_sigkill_at_a_crash_point_then_resume(point, baseline, tiny_model_dir, s
     _assert_same_as_uninterrupted(out, baseline)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "random"
     command = [sys.executable, str(CRASH_RUNNER), "none", *recipe_args(tiny_model_dir, shared_data, out)]
