@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,20 @@ def test_smoke_renders_markdown_and_plots(smoke_report: dict) -> None:
     for name in smoke_report["presets"]["smoke"]["plots"]:
         assert (out / name).stat().st_size > 1000
     assert not (Path(smoke_report["_data"]) / "hf_fedlora_bench_aggregation" / "L2_h256_r4-8-16_eq8").exists()
+
+
+def test_presets_are_yaml_files_that_set_every_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_benchmark("bench_aggregation")
+    common = sys.modules["_common"]
+    assert common.preset_names("aggregation") == ["full", "quick", "smoke"]
+    full = common.load_preset(bench.Preset, "aggregation", "full")
+    assert (full.layers, full.clients, full.ranks, full.max_seconds) == (32, (10, 50), (8, 16, 32, 64), 45)
+    assert list(full.peft_modules.items()) == [("svd", 1), ("cat", 4)] and full.num_modules == 128
+    text = (common.CONFIG_DIR / "aggregation_full.yaml").read_text()
+    monkeypatch.setattr(common, "CONFIG_DIR", tmp_path)
+    (tmp_path / "aggregation_extra.yaml").write_text(text + "\nwarmup: 1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['warmup'\], missing keys \[\]"):
+        common.load_preset(bench.Preset, "aggregation", "extra")
+    (tmp_path / "aggregation_typo.yaml").write_text(text.replace("layers: 32", "layers: '32'"))
+    with pytest.raises(ValueError, match="`layers` should be int, got '32'"):
+        common.load_preset(bench.Preset, "aggregation", "typo")

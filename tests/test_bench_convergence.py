@@ -83,3 +83,14 @@ def test_parallel_runs_give_the_same_results_as_in_process(smoke: dict, tmp_path
         assert report["runs"][name]["final_test"]["accuracy"] == run["final_test"]["accuracy"]
         assert report["runs"][name]["chunks"][0]["device"].startswith("CPU")
 
+
+
+def test_presets_keep_their_settings() -> None:
+    """The YAML presets: quick and full share a run's settings (full extends quick's runs), smoke is tiny."""
+    presets = load_benchmark("bench_convergence").load_presets()
+    assert sorted(presets) == ["full", "paper", "quick", "smoke"]
+    quick, full, paper = presets["quick"], presets["full"], presets["paper"]
+    assert quick.settings() == full.settings() and paper.settings() != quick.settings()
+    assert (full.rounds, full.seeds, len(full.strategies)) == (30, (0, 1, 2), 7)
+    assert quick.learning_rate == 1e-3 and quick.max_train_samples is None and paper.rank_mode == "quality_upgrade"
+    assert presets["smoke"].targets == (0.3, 0.5) and presets["smoke"].model_config_overrides == "num_hidden_layers=1"
