@@ -224,6 +224,7 @@ def read_metrics(run_dir: Path) -> list[Any]:
 
 
 def completed_rounds(run_dir: Path) -> int:
+    """The run's last complete round (0 before its first)."""
     from hf_fedlora.federation import RunState
 
     state = RunState.load(run_dir)
@@ -239,6 +240,7 @@ def _reusable_source(workdir: Path, preset: Preset, name: str) -> Path | None:
         if completed_rounds(src) == other.rounds and (src / "bench_run.json").is_file():
             return src
     return None
+
 
 def _device_name() -> str:
     import torch
@@ -289,6 +291,7 @@ def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: P
     meta["complete"] = True
     write_json(meta_path, meta)
     log(f"{name}: done; final test accuracy {final['accuracy']:.4f}, {len(diag)} diagnostic pairs")
+
 
 def collect_run(preset: Preset, strategy: str, seed: int, workdir: Path) -> dict[str, Any] | None:
     """A run's entry in the JSON, read from its folder (``None`` before its first round)."""

@@ -115,6 +115,7 @@ def summarize_all(preset: dict[str, Any], runs: dict[str, dict[str, Any]]) -> di
     summary["paired_vs_zero_padding"] = paired
     return summary
 
+
 def progress(preset: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Rounds done and planned, and the time the rest needs at the measured pace."""
     done_rounds = [r["seconds"]["wall"] for run in runs.values() for r in run["rounds"]]
