@@ -84,7 +84,6 @@ def test_parallel_runs_give_the_same_results_as_in_process(smoke: dict, tmp_path
         assert report["runs"][name]["chunks"][0]["device"].startswith("CPU")
 
 
-
 def test_presets_keep_their_settings() -> None:
     """The YAML presets: quick and full share a run's settings (full extends quick's runs), smoke is tiny."""
     presets = load_benchmark("bench_convergence").load_presets()
