@@ -84,3 +84,10 @@ def lora_a_init(num_rows: int, in_features: int, generator: torch.Generator) -> 
     """
     bound = 1.0 / math.sqrt(in_features)
     return (torch.rand(num_rows, in_features, generator=generator) * 2 - 1) * bound
+
+
+def empty_directions(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Which slots of an SVD factor pair (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) carry a singular
+    value of (numerically) zero: ``||A_k|| ||B_k|| = s_k <= rtol * max(s)``. A boolean ``[r]`` mask."""
+    strength = a.norm(dim=1) * b.norm(dim=0)
+    return strength <= rtol * strength.max() if strength.numel() else strength.bool()

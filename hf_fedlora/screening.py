@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .adapters import AdapterSource, LoraAdapter, describe_source, resolve_adapter
+from .adapters import AdapterSource, LoraAdapter, resolve_adapter
+from .adapters.sources import describe_source
 from .adapters.validate import check_compatible
 from .errors import AdapterError
 from .linalg import squared_update_norm

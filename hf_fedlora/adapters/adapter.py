@@ -25,13 +25,14 @@ from ..constants import (
     check_send_back,
 )
 from ..errors import AdapterError, AdapterNotFoundError, UnsafeFormatError
-from ..linalg import factored_svd, lora_a_init, pad_cols, pad_rows
+from ..linalg import empty_directions, factored_svd, lora_a_init, pad_cols, pad_rows
 from .folders import resolve_source
 from .io import (
     MemoryStore,
     SafetensorsStore,
     TensorStore,
     atomic_output_dir,
+    load_pickle,
     read_json,
     sha256_file,
     write_json,
@@ -116,7 +117,7 @@ class LoraAdapter:
                     "pickles can run arbitrary code. Ask the client for 'adapter_model.safetensors' (PEFT's "
                     "default), or pass `allow_pickle=True` if you trust this file."
                 )
-            store = _load_pickle(folder / ADAPTER_PICKLE_NAME, label)
+            store = load_pickle(folder / ADAPTER_PICKLE_NAME, label)
         else:
             raise AdapterNotFoundError(f"{label}: no '{ADAPTER_SAFETENSORS_NAME}' in '{folder}'.")
         provenance = read_json(folder / PROVENANCE_NAME, label, "provenance") if (folder / PROVENANCE_NAME).is_file() else {}
@@ -318,7 +319,7 @@ class LoraAdapter:
             empty = None
             if method == "svd":
                 a, b = factored_svd([b], [a], min(rank, a.shape[0]))
-                empty = _empty_directions(a, b)
+                empty = empty_directions(a, b)
             a, b = unfold(pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale)
             if empty is not None and empty.any():
                 a, b = a.clone(), b.clone()
@@ -381,25 +382,6 @@ class LoraAdapter:
     def __repr__(self) -> str:
         ranks = sorted(set(self.ranks.values()))
         return f"LoraAdapter({self.label!r}, modules={len(self.modules)}, ranks={ranks}, extras={len(self.extras)})"
-
-
-def _empty_directions(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """Which slots of an SVD factor pair (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) carry a singular
-    value of (numerically) zero: ``||A_k|| ||B_k|| = s_k <= rtol * max(s)``."""
-    strength = a.norm(dim=1) * b.norm(dim=0)
-    return strength <= rtol * strength.max() if strength.numel() else strength.bool()
-
-
-def _load_pickle(path: Path, label: str) -> MemoryStore:
-    from ..errors import AdapterFormatError
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AdapterFormatError(f"{label}, file '{path.name}': cannot be read as a weights-only torch file ({exc}).") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterFormatError(f"{label}, file '{path.name}': expected a mapping of tensor names to tensors.")
-    return MemoryStore(state)
 
 
 __all__ = ["LoraAdapter"]

@@ -10,6 +10,7 @@ from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_SAFETE
 from ..errors import AdapterFormatError, AdapterNotFoundError
 from ..hub.errors import is_repo_id
 
+
 def split_revision(source: str, revision: str | None = None) -> tuple[str, str | None]:
     """Split ``"user/repo@rev"`` into ``("user/repo", "rev")``; an explicit ``revision`` wins."""
     if "@" in source and not os.path.exists(source):

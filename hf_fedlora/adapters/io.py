@@ -123,6 +123,17 @@ class SafetensorsStore:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+def load_pickle(path: Path, label: str) -> MemoryStore:
+    """A trusted pickle weights file (``adapter_model.bin``), read with ``torch.load(weights_only=True)``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterFormatError(f"{label}, file '{path.name}': cannot be read as a weights-only torch file ({exc}).") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterFormatError(f"{label}, file '{path.name}': expected a mapping of tensor names to tensors.")
+    return MemoryStore(state)
+
+
 def read_json(path: str | os.PathLike, where: str, what: str) -> dict[str, Any]:
     """Parse a JSON object from ``path``; errors name the client, the file and what it should hold."""
     path = Path(path)
