@@ -21,10 +21,11 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Every hf_fedlora module that ``path`` imports anywhere in its body, with the packages above it
-    (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first)."""
+    """Every hf_fedlora module that ``path`` imports anywhere in its body, with the packages above the
+    target (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -39,7 +40,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             continue
         for target in targets:
             parts = target.split(".")
-            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules)
+            prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+            # a package above the importing module is already loading: only an explicit read of it counts
+            found.update(p for p in prefixes if p in modules and (p == target or p not in ancestors))
     found.discard(name)
     return found
 

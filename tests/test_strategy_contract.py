@@ -45,9 +45,6 @@ HETEROGENEOUS = [  # ranks 2, 8 and 4 (6 on `value`); different alphas; rsLoRA b
     {"r": 4, "lora_alpha": 4, "rank_pattern": {"value": 6}, "alpha_pattern": {"value": 12}},
 ]
 EQUAL = [{"r": 4, "lora_alpha": 8}] * 3
-IGNORES_TARGET_RANK = {  # known gaps in the contract: remove the entry when the rule is fixed
-    "fedavg": "FedAvgStrategy.aggregate_module pads to max_rank and ignores target_rank (no error either)",
-}
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +132,7 @@ def test_previous_global_adapter_is_accepted(strategy, clients) -> None:
     assert all(torch.isfinite(t).all() for t in again.state_dict().values())
 
 
-def test_target_rank_sets_the_output_rank_or_is_refused(strategy, clients, request) -> None:
-    if strategy.name in IGNORES_TARGET_RANK:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=IGNORES_TARGET_RANK[strategy.name]))
+def test_target_rank_sets_the_output_rank_or_is_refused(strategy, clients) -> None:
     previous = aggregate_adapters(clients, strategy.name, weights=WEIGHTS)
     if strategy.rank_grows_with_clients:  # a fixed rank is refused, naming the option
         with pytest.raises(AdapterError, match="target_rank"):

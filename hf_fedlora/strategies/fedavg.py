@@ -14,7 +14,8 @@ from .registry import register_strategy
 
 @register_strategy
 class FedAvgStrategy(Strategy):
-    """``A = sum_k p_k A'_k``, ``B = sum_k p_k B'_k``; heterogeneous ranks are refused."""
+    """``A = sum_k p_k A'_k``, ``B = sum_k p_k B'_k`` (cut or padded to ``target_rank`` when given);
+    heterogeneous ranks are refused."""
 
     name = "fedavg"
     paper = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data (2017)"
@@ -22,4 +23,4 @@ class FedAvgStrategy(Strategy):
     supports_heterogeneous_ranks = False
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return weighted_padded_sum(inputs.a, inputs.b, inputs.weights, inputs.max_rank)
+        return weighted_padded_sum(inputs.a, inputs.b, inputs.weights, inputs.target_rank or inputs.max_rank)
