@@ -51,7 +51,7 @@ def load_and_check_keys(base, folder):
     return model
 
 
-@pytest.mark.parametrize("strategy", ["replication", "zero_padding", "flexlora", "stacking"])
+@pytest.mark.parametrize("strategy", ["replication", "stacking"])  # every rule: test_strategy_contract.py
 def test_two_heterogeneous_clients_merge_into_a_loadable_adapter(strategy, tmp_path):
     folders = [write_peft_adapter(tmp_path / "r2", 2, 4, seed=1), write_peft_adapter(tmp_path / "r8", 8, 16, seed=2)]
     clients = [raw_client(f) for f in folders]
@@ -66,13 +66,11 @@ def test_two_heterogeneous_clients_merge_into_a_loadable_adapter(strategy, tmp_p
         module = "base_model.model." + name[: -len(".weight")]
         if strategy == "replication":
             want = expected_replication_delta(clients, module, weights)
-        elif strategy == "stacking":
+        else:  # stacking: exactly the weighted sum of the clients' updates
             want = sum(
                 w * s * (c[module + ".lora_B.weight"].double() @ c[module + ".lora_A.weight"].double())
                 for w, (c, s) in zip(weights, clients)
             )
-        else:
-            want = merged.delta_weight(module).double()  # checked against references in test_strategies_reference
         torch.testing.assert_close((param - base[name]).double(), want, rtol=1e-4, atol=1e-6)
     for key in HEAD:  # the classification head is averaged densely
         want = sum(w * c[key] for w, (c, _) in zip(weights, clients))
