@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -47,8 +47,6 @@ def main(
     fed_args: FederationArguments,
 ) -> FederationResult:
     """Run the federation described by the four argument groups; returns its per-round records."""
-    if fed_args.push_to_hub and not fed_args.hub_model_id:
-        fed_args.hub_model_id = os.path.basename(os.path.normpath(fed_args.output_dir))
     return run_federation(model_args, data_args, client_args, fed_args)
 
 
@@ -61,5 +59,22 @@ def parse(args: Sequence[str] | None = None) -> tuple:
 _EXAMPLE = "accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml --strategy zero_padding"
 
 
+def set_torch_threads() -> int:
+    """Give torch ``OMP_NUM_THREADS`` threads when set (shared machines), else this machine's cores
+    divided among the ``accelerate launch`` processes; returns the count."""
+    import torch
+    from accelerate import PartialState
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        count = int(threads)
+    else:
+        count = max(1, (os.cpu_count() or 1) // PartialState().num_processes)
+    torch.set_num_threads(count)
+    return count
+
+
 if __name__ == "__main__":
-    main(*parse(sys.argv[1:]))
+    arguments = parse(sys.argv[1:])
+    set_torch_threads()  # after parsing: a config's `env:` block may set OMP_NUM_THREADS
+    main(*arguments)

@@ -27,6 +27,7 @@ def die() -> None:
 def arm(point: str) -> None:
     import hf_fedlora.adapters.adapter as adapter_module
     import hf_fedlora.federation.loop as loop
+    import hf_fedlora.federation.rounds as rounds
     from hf_fedlora.federation.client import LocalTrainer
     from hf_fedlora.federation.state import RunState
 
@@ -61,16 +62,16 @@ def arm(point: str) -> None:
 
         adapter_module.save_file = save_file
     elif point == "jsonl":
-        real_append = loop.append_record
+        real_append = rounds.append_record
 
         def append_record(output_dir, record):
-            if record["round"] == 2:
+            if record.round == 2:
                 with open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8") as handle:
                     handle.write('{"round": 2, "clients": [')
                 die()
             real_append(output_dir, record)
 
-        loop.append_record = append_record
+        rounds.append_record = append_record
     elif point == "state":
         real_state_save = RunState.save
 
@@ -90,4 +91,6 @@ if __name__ == "__main__":
     spec = importlib.util.spec_from_file_location("fed_glue_recipe", REPO / "recipes" / "fed_glue.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    recipe.main(*recipe.parse(argv))
+    arguments = recipe.parse(argv)
+    recipe.set_torch_threads()  # as the script does
+    recipe.main(*arguments)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fedlora.federation import LocalTrainer, LocalTrainingArguments
+from hf_fedlora.federation import ClientArguments, LocalTrainer
 from hf_fedlora.federation.data import TextSplit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -24,11 +24,11 @@ def _trainer(model_dir, device: str) -> LocalTrainer:
 
 def test_cuda_training_matches_cpu_and_returns_cpu_adapters(tiny_model_dir):
     shard = TextSplit(TEXTS, None, np.arange(len(TEXTS)) % 2)
-    args = LocalTrainingArguments(local_steps=3, per_device_train_batch_size=8, max_seq_length=16, learning_rate=1e-3)
+    args = ClientArguments(local_steps=3, per_device_train_batch_size=8, learning_rate=1e-3)
     cpu, gpu = _trainer(tiny_model_dir, "cpu"), _trainer(tiny_model_dir, "cuda")
     start = cpu.initial_adapter(4, seed=1)
-    on_cpu, _ = cpu.train(start, 4, shard, args, seed=2)
-    on_gpu, result = gpu.train(start, 4, shard, args, seed=2)
+    on_cpu, _ = cpu.train(start, 4, shard, args, seed=2, max_seq_length=16)
+    on_gpu, result = gpu.train(start, 4, shard, args, seed=2, max_seq_length=16)
 
     assert next(gpu.model.parameters()).device.type == "cuda"
     assert result.num_steps == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -192,8 +193,24 @@ def test_round_writer_saves_peft_rounds_and_metrics(make_adapter, tmp_path) -> N
     assert '"round": 1' in line and '"clients-accepted": 4' in line
 
 
+def test_round_writer_records_a_failed_push_and_keeps_the_round(make_adapter, tmp_path, monkeypatch) -> None:
+    import hf_fedlora.hub
+
+    def failing_push(round_dir, repo_id, round_index, **kwargs):
+        raise ConnectionError(f"could not reach the Hub with token {kwargs['token']}")
+
+    monkeypatch.setattr(hf_fedlora.hub, "push_round", failing_push)
+    writer = RoundWriter(tmp_path / "out", hub_repo_id="me/run", token="hf_secret")
+    folder = writer(1, _initial(make_adapter), {"train-loss": 0.5, "eval-loss": float("nan")})
+    assert (folder / "adapter_model.safetensors").is_file()
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert row["round"] == 1 and row["train-loss"] == 0.5 and row["eval-loss"] is None
+    assert row["hub_push"]["ok"] is False and "ConnectionError" in row["hub_push"]["error"]
+    assert "hf_secret" not in row["hub_push"]["error"]
+
+
 def test_invalid_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="`send_back` must be 'truncate' or 'svd'"):
+    with pytest.raises(ValueError, match="`send_back` must be one of 'truncate', 'svd', got 'pad'"):
         HeteroLoraStrategy(send_back="pad")
     with pytest.raises(ValueError, match="Unknown|unknown|valid"):
         HeteroLoraStrategy(aggregation="nope")

@@ -27,7 +27,7 @@ from testing_utils import (
     run_recipe,
 )
 
-from hf_fedlora.federation import ClientArguments, FedArgumentParser, LocalTrainingArguments, train_client
+from hf_fedlora.federation import ClientArguments, FedArgumentParser, RoundRecord, train_client
 from hf_fedlora.federation.data import load_task
 
 CONFIGS = REPO_ROOT / "recipes" / "configs"
@@ -92,28 +92,28 @@ def test_a_run_saved_before_an_option_existed_resumes(baseline, tiny_model_dir, 
     del state["fingerprint"]["quality_scoring"], state["fingerprint"]["clip_update_norm"]  # options added later
     (old / "state.json").write_text(json.dumps(state))
     result = run_recipe(recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=3))  # one more round
-    assert [r["round"] for r in result.records] == [1, 2, 3]
+    assert [r.round for r in result.records] == [1, 2, 3]
     with pytest.raises(ValueError, match="`quality_scoring`: saved 'sampled', now 'all'"):
         run_recipe(recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=4, quality_scoring="all"))
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch):
-    import hf_fedlora.federation.loop as loop
+    import hf_fedlora.federation.rounds as rounds
 
     out = tmp_path / "interrupted"
-    real_append = loop.append_record
+    real_append = rounds.append_record
 
     def crash_in_round_two(output_dir, record):
-        if record["round"] == 2:  # round-0002/ is written, its JSONL line and state are not
+        if record.round == 2:  # round-0002/ is written, its JSONL line and state are not
             raise KeyboardInterrupt("simulated kill")
         real_append(output_dir, record)
 
-    monkeypatch.setattr(loop, "append_record", crash_in_round_two)
+    monkeypatch.setattr(rounds, "append_record", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe_args(tiny_model_dir, shared_data, out))
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
     assert (out / "round-0002").is_dir()
-    monkeypatch.setattr(loop, "append_record", real_append)
+    monkeypatch.setattr(rounds, "append_record", real_append)
 
     run_recipe(recipe_args(tiny_model_dir, shared_data, out, resume=True))
     # Equal up to CPU thread-scheduling noise (two identical fresh runs on a loaded machine differ
@@ -198,14 +198,14 @@ def test_train_client_is_reusable_and_seeded(tiny_model_dir, shared_data):
 
     data = load_task(recipe.parse(recipe_args(tiny_model_dir, shared_data, Path("unused")))[1], seed=0)
     shard = data.train.select(range(40))
-    args = LocalTrainingArguments(local_steps=2, per_device_train_batch_size=8, max_seq_length=32)
+    args = ClientArguments(local_steps=2, per_device_train_batch_size=8)
     before = set(_TRAINERS)
-    first, metrics = train_client(str(tiny_model_dir), None, 4, 8.0, shard, args, seed=3)
-    again, _ = train_client(str(tiny_model_dir), None, 4, 8.0, shard, args, seed=3)
+    first, metrics = train_client(str(tiny_model_dir), None, 4, 8.0, shard, args, seed=3, max_seq_length=32)
+    again, _ = train_client(str(tiny_model_dir), None, 4, 8.0, shard, args, seed=3, max_seq_length=32)
     assert first.num_examples == 40 and metrics["num_steps"] == 2 and set(first.ranks.values()) == {4}
     assert all(torch.equal(first.state_dict()[k], again.state_dict()[k]) for k in first.state_dict())
     # a rank-4 adapter given to a rank-2 client is cut to its view first
-    smaller, _ = train_client(str(tiny_model_dir), first, 2, 8.0, shard, args, seed=4)
+    smaller, _ = train_client(str(tiny_model_dir), first, 2, 8.0, shard, args, seed=4, max_seq_length=32)
     assert set(smaller.ranks.values()) == {2}
     # the three calls shared one cached base model, which now holds both rank slots
     assert len(set(_TRAINERS) - before) <= 1
@@ -250,6 +250,25 @@ def test_invalid_options_name_the_field():
         recipe.parse(["--strategy", "avg"])
     assert "hub_token='***'" in repr(recipe.parse(["--hub_token", "hf_abc"])[3])
     assert ClientArguments().target_modules == ["query", "value"]
+
+
+def test_defaults_that_depend_on_other_options_are_set_by_the_arguments():
+    fed_args = recipe.parse(["--push_to_hub", "true", "--output_dir", "outputs/my_run/"])[3]
+    assert fed_args.hub_model_id == "my_run"
+    assert recipe.parse(["--output_dir", "outputs/my_run"])[3].hub_model_id is None  # not pushing: no repo
+    assert ClientArguments(local_steps=0, local_epochs=1.5, per_device_train_batch_size=8).num_local_steps(20) == 4
+
+
+def test_metrics_lines_read_back_as_typed_records(baseline):
+    from hf_fedlora.federation import ClientRecord, read_records
+
+    records = read_records(baseline)
+    assert [r.to_dict() for r in records] == read_metrics(baseline)  # one format, read and written losslessly
+    assert all(isinstance(c, ClientRecord) for r in records for c in r.clients)
+    assert records[1].cumulative_bytes == sum(r.bytes_round for r in records)
+    assert RoundRecord.from_dict({"round": 3, "clients-accepted": 4}).to_dict() == {"round": 3, "clients-accepted": 4}
+    with pytest.raises(ValueError, match="may not use the record's own keys"):
+        RoundRecord(1, metrics={"eval": 0.5})
 
 
 @pytest.mark.parametrize(

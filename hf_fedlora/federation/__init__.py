@@ -1,31 +1,42 @@
 """Simulated federations of heterogeneous-rank LoRA clients: data splits, rank allocation, local
-training, the round loop and its resumable state.
+training, the round loop, its records and writer, and its resumable state.
 
-``train_client`` (one client's local training) is the piece other integrations reuse;
-``run_federation`` is what ``recipes/fed_glue.py`` calls.
+``run_federation`` is what ``recipes/fed_glue.py`` calls; ``train_client`` (one client's local
+training) and ``RoundWriter`` (a round's folder, ``metrics.jsonl`` line and Hub push) are the
+pieces other integrations, such as the Flower ``ServerApp``, reuse.
 """
 
-from .client import LocalTrainer, LocalTrainingArguments, embedded_model_path, get_trainer, train_client
+from .client import LocalTrainer, embedded_model_path, get_trainer, train_client
 from .config import ClientArguments, DataArguments, FedArgumentParser, FederationArguments, ModelArguments
 from .data import TaskData, TextSplit, load_task
 from .loop import FederationResult, client_seed, run_federation, sample_clients
-from .partition import DirichletPartitioner, HighQualityPartitioner, IidPartitioner, Partitioner, make_partitioner
+from .partition import (
+    DirichletPartitioner,
+    HighQualityPartitioner,
+    IidPartitioner,
+    Partitioner,
+    make_partitioner,
+)
 from .ranks import allocate_ranks, parse_rank_spec, quality_upgrade
+from .rounds import ClientRecord, DroppedClient, RoundRecord, RoundWriter, read_records
 from .state import RunState
 
 __all__ = [
     "ClientArguments",
+    "ClientRecord",
     "DataArguments",
     "DirichletPartitioner",
+    "DroppedClient",
     "FedArgumentParser",
     "FederationArguments",
     "FederationResult",
     "HighQualityPartitioner",
     "IidPartitioner",
     "LocalTrainer",
-    "LocalTrainingArguments",
     "ModelArguments",
     "Partitioner",
+    "RoundRecord",
+    "RoundWriter",
     "RunState",
     "TaskData",
     "TextSplit",
@@ -37,6 +48,7 @@ __all__ = [
     "make_partitioner",
     "parse_rank_spec",
     "quality_upgrade",
+    "read_records",
     "run_federation",
     "sample_clients",
     "train_client",

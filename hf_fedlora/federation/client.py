@@ -12,16 +12,20 @@ the result does not depend on which process, or in which order, the client is tr
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..adapters import LoraAdapter
+from ..linalg import lora_a_init
 from .data import TextSplit
+
+if TYPE_CHECKING:
+    from .config import ClientArguments
 
 PRIMARY_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
 """The metric reported as ``score`` per metric config (default ``accuracy``)."""
@@ -44,41 +48,6 @@ def embedded_model_path() -> str:
 
 
 @dataclass
-class LocalTrainingArguments:
-    """What a client's local training needs (a subset of the recipe's ``ClientArguments``).
-
-    Args:
-        local_epochs (`float`, *optional*, defaults to 1.0): passes over the shard when ``local_steps`` is 0.
-        local_steps (`int`, *optional*, defaults to 0): optimiser steps per round (0: use epochs).
-        per_device_train_batch_size (`int`, *optional*, defaults to 16): batch size.
-        learning_rate (`float`, *optional*, defaults to 5e-4): AdamW learning rate.
-        weight_decay (`float`, *optional*, defaults to 0.0): AdamW weight decay.
-        max_grad_norm (`float`, *optional*, defaults to 1.0): gradient clipping (0 disables).
-        max_seq_length (`int`, *optional*, defaults to 128): truncation length.
-    """
-
-    local_epochs: float = 1.0
-    local_steps: int = 0
-    per_device_train_batch_size: int = 16
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_seq_length: int = 128
-
-    @classmethod
-    def from_args(cls, args: Any, max_seq_length: int) -> "LocalTrainingArguments":
-        """Take the matching fields from any object (e.g. ``ClientArguments``)."""
-        names = [f for f in cls.__dataclass_fields__ if f != "max_seq_length"]
-        return cls(**{n: getattr(args, n) for n in names}, max_seq_length=max_seq_length)
-
-    def num_steps(self, num_examples: int) -> int:
-        """Optimiser steps for a shard of ``num_examples`` examples."""
-        if self.local_steps > 0:
-            return self.local_steps
-        return max(1, math.ceil(self.local_epochs * num_examples / self.per_device_train_batch_size))
-
-
-@dataclass
 class LocalResult:
     """Metrics of one client's local training."""
 
@@ -87,16 +56,15 @@ class LocalResult:
     num_steps: int
     num_examples: int
     train_seconds: float
-    extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
+        """The metrics, ``train_seconds`` rounded to milliseconds."""
         return {
             "loss": self.loss,
             "last_loss": self.last_loss,
             "num_steps": self.num_steps,
             "num_examples": self.num_examples,
             "train_seconds": round(self.train_seconds, 3),
-            **self.extra,
         }
 
 
@@ -203,8 +171,7 @@ class LocalTrainer:
         state = {}
         for key, tensor in sorted(template.state_dict().items()):
             if key.endswith(".lora_A.weight"):
-                bound = 1.0 / math.sqrt(tensor[0].numel())
-                state[key] = (torch.rand(tensor.shape, generator=generator) * 2 - 1) * bound
+                state[key] = lora_a_init(tensor.shape[0], tensor[0].numel(), generator).reshape(tensor.shape)
             elif key.endswith(".lora_B.weight") or tensor.dim() < 2:
                 state[key] = torch.zeros_like(tensor)
             else:
@@ -258,12 +225,14 @@ class LocalTrainer:
         view: LoraAdapter | None,
         rank: int,
         shard: TextSplit,
-        args: LocalTrainingArguments,
+        args: ClientArguments,
         seed: int,
         *,
+        max_seq_length: int,
         progress: Any = None,
     ) -> tuple[LoraAdapter, LocalResult]:
-        """Train one client; see :func:`train_client` for the arguments."""
+        """Train one client; see :func:`train_client` for the arguments (``progress``: a tqdm bar
+        advanced once per step)."""
         start = time.perf_counter()
         name = self.load(view if view is not None else self.initial_adapter(rank, seed), rank)
         model = self.model
@@ -272,14 +241,14 @@ class LocalTrainer:
         generator = torch.Generator().manual_seed(seed)  # batch order
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        steps, bs, n = args.num_steps(len(shard)), args.per_device_train_batch_size, len(shard)
+        steps, bs, n = args.num_local_steps(len(shard)), args.per_device_train_batch_size, len(shard)
         order: list[int] = []
         losses: list[float] = []
         for _ in range(steps):
             if len(order) < min(bs, n):
                 order += torch.randperm(n, generator=generator).tolist()
             batch, order = order[: min(bs, n)], order[min(bs, n) :]
-            loss = model(**self._batch(shard, batch, args.max_seq_length)).loss
+            loss = model(**self._batch(shard, batch, max_seq_length)).loss
             loss.backward()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -337,9 +306,10 @@ def train_client(
     rank: int,
     lora_alpha: float,
     shard: TextSplit,
-    training_args: LocalTrainingArguments,
+    training_args: ClientArguments,
     seed: int,
     *,
+    max_seq_length: int = 128,
     num_labels: int = 2,
     is_regression: bool = False,
     target_modules: Sequence[str] = ("query", "value"),
@@ -364,9 +334,12 @@ def train_client(
         rank: the client's LoRA rank.
         lora_alpha: the client's LoRA alpha.
         shard: the client's examples.
-        training_args: steps or epochs, batch size, learning rate...
+        training_args: the recipe's ``ClientArguments``; local training reads its steps or epochs,
+            batch size, learning rate, weight decay and gradient clipping (the LoRA settings are
+            the arguments below, part of the cached model's identity).
         seed: seeds batch order, dropout and any new rank slots; use one derived from
             ``(run seed, round, client id)`` so results do not depend on the process.
+        max_seq_length: truncation length of the tokenized inputs.
         num_labels, is_regression, target_modules, lora_dropout, use_rslora, config_overrides:
             model and LoRA settings (part of the cache key).
         send_back: ``"truncate"`` or ``"svd"``, how a larger global adapter is cut to ``rank``.
@@ -390,14 +363,13 @@ def train_client(
     )
     if adapter_view is not None:
         adapter_view = trainer.client_view(adapter_view, rank, method=send_back, seed=seed)
-    adapter, result = trainer.train(adapter_view, rank, shard, training_args, seed)
+    adapter, result = trainer.train(adapter_view, rank, shard, training_args, seed, max_seq_length=max_seq_length)
     return adapter, result.as_dict()
 
 
 __all__ = [
     "LocalResult",
     "LocalTrainer",
-    "LocalTrainingArguments",
     "PRIMARY_METRIC",
     "embedded_model_path",
     "get_trainer",

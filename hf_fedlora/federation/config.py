@@ -9,14 +9,18 @@ environment variables before the run starts.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
+from ..constants import check_send_back
 from .partition import PARTITIONS
 from .ranks import parse_rank_spec
 
@@ -112,6 +116,13 @@ class ClientArguments:
         if self.per_device_train_batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("`per_device_train_batch_size` must be >= 1 and `learning_rate` > 0.")
 
+    def num_local_steps(self, num_examples: int) -> int:
+        """Optimiser steps of a client holding ``num_examples`` examples: ``local_steps``, or
+        ``local_epochs`` passes over them."""
+        if self.local_steps > 0:
+            return self.local_steps
+        return max(1, math.ceil(self.local_epochs * num_examples / self.per_device_train_batch_size))
+
 
 @dataclass
 class FederationArguments:
@@ -170,7 +181,9 @@ class FederationArguments:
     resume: bool = _help("Continue from the last complete round in `output_dir`.", default=False)
     report_to: list[str] = _help("Accelerate trackers, e.g. `tensorboard` (empty: none).", default_factory=list)
     push_to_hub: bool = _help("Push every round's global adapter to the Hub (tag `round-NNNN`).", default=False)
-    hub_model_id: str | None = _help("Hub repo for `push_to_hub` (default: the output folder's name).", default=None)
+    hub_model_id: str | None = _help(
+        "Hub repo for `push_to_hub` (default with `push_to_hub`: the output folder's name).", default=None
+    )
     hub_private: bool = _help("Create the Hub repo as private.", default=False)
     hub_token: str | None = _help(
         "Hub token (default: HF_TOKEN or the `huggingface-cli login` token). Never logged.", default=None
@@ -188,8 +201,8 @@ class FederationArguments:
         parse_rank_spec(self.ranks)
         if self.quality_upgrade and not (1 <= self.low_rank <= self.high_rank):
             raise ValueError(f"`low_rank` must be >= 1 and <= `high_rank`, got {self.low_rank} / {self.high_rank}.")
-        if self.send_back not in (None, "truncate", "svd"):
-            raise ValueError(f"`send_back` must be 'truncate' or 'svd', got {self.send_back!r}.")
+        if self.send_back is not None:
+            check_send_back(self.send_back)
         if self.quality_scoring not in ("sampled", "all"):
             raise ValueError(f"`quality_scoring` must be 'sampled' or 'all', got {self.quality_scoring!r}.")
         if self.on_bad_client not in ("skip", "fail"):
@@ -201,6 +214,8 @@ class FederationArguments:
         from ..strategies import get_strategy
 
         get_strategy(self.strategy)
+        if self.push_to_hub and not self.hub_model_id:
+            self.hub_model_id = os.path.basename(os.path.normpath(self.output_dir))
 
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -209,6 +224,55 @@ class FederationArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ClientArguments, FederationArguments)
+
+RESUMABLE_OPTIONS = frozenset(
+    ("rounds", "output_dir", "resume", "overwrite_output_dir", "report_to", "push_to_hub", "hub_model_id",
+     "hub_private", "hub_token")
+)
+"""Options a ``--resume`` may change: they do not change the result of the rounds already run."""
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def resume_fingerprint(*groups: Any) -> dict[str, Any]:
+    """The options of the argument groups that must not change on resume, as JSON values."""
+    values = {k: v for group in groups for k, v in asdict(group).items() if k not in RESUMABLE_OPTIONS}
+    return json.loads(json.dumps(values))
+
+
+def option_defaults(*groups: Any) -> dict[str, Any]:
+    """Each option's default value, as :func:`resume_fingerprint` writes values (a run saved before
+    an option existed resumes as if it had the default)."""
+    defaults = {
+        f.name: _default(f) for group in groups for f in fields(group)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+    return json.loads(json.dumps(defaults, default=str))
+
+
+def reproduce_command(*groups: Any) -> str:
+    """A command line that reproduces the run: every option whose value differs from its default."""
+    parts = ["accelerate launch recipes/fed_glue.py"]
+    for group in groups:
+        for f in fields(group):
+            value = getattr(group, f.name)
+            if f.name in ("hub_token", "resume", "overwrite_output_dir") or value == _default(f):
+                continue
+            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"--{f.name} {shown}" if " " not in shown or isinstance(value, list) else f"--{f.name} '{shown}'")
+    return " \\\n    ".join(parts)
+
+
+def tracker_config(*groups: Any) -> dict[str, Any]:
+    """The options as flat scalars for experiment trackers (the Hub token left out)."""
+    flat: dict[str, Any] = {}
+    for group in groups:
+        for key, value in asdict(group).items():
+            if key != "hub_token":
+                flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 class FedArgumentParser(HfArgumentParser):
@@ -257,9 +321,14 @@ class FedArgumentParser(HfArgumentParser):
 
 __all__ = [
     "ARGUMENT_CLASSES",
+    "RESUMABLE_OPTIONS",
     "ClientArguments",
     "DataArguments",
     "FedArgumentParser",
     "FederationArguments",
     "ModelArguments",
+    "option_defaults",
+    "reproduce_command",
+    "resume_fingerprint",
+    "tracker_config",
 ]

@@ -9,9 +9,10 @@ and label columns. Tokenisation happens per batch at training time, so nothing h
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class TextSplit:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def select(self, indices: Sequence[int]) -> "TextSplit":
+    def select(self, indices: Sequence[int]) -> TextSplit:
         """The examples at ``indices``, in that order."""
         idx = [int(i) for i in indices]
         pairs = [self.text_pairs[i] for i in idx] if self.text_pairs is not None else None

@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+
+from .rounds import RoundRecord
 
 
-def summary_table(records: Sequence[dict[str, Any]]) -> str:
+def summary_table(records: Sequence[RoundRecord]) -> str:
     """A fixed-width text table: one row per round with the metrics, loss, traffic and timings."""
     if not records:
         return "(no complete rounds)"
-    metric_names = [k for k in records[-1].get("eval", {}) if k != "score"]
+    metric_names = [k for k in records[-1].eval or {} if k != "score"]
     head = ["round", *metric_names, "mean loss", "ranks", "MB sent", "train s", "agg s", "eval s"]
     rows = []
     for r in records:
-        clients = r.get("clients", [])
-        mean_loss = sum(c["loss"] for c in clients) / max(1, len(clients))
-        ranks = ",".join(str(c["rank"]) for c in clients)
+        clients = r.clients or []
+        mean_loss = sum(c.loss for c in clients) / max(1, len(clients))
+        ranks = ",".join(str(c.rank) for c in clients)
         rows.append(
             [
-                str(r["round"]),
-                *(f"{r['eval'].get(m, float('nan')):.4f}" for m in metric_names),
+                str(r.round),
+                *(f"{r.eval.get(m, float('nan')):.4f}" for m in metric_names),
                 f"{mean_loss:.4f}",
                 ranks,
-                f"{r['cumulative_bytes'] / 1e6:.2f}",
-                f"{r['seconds']['train']:.1f}",
-                f"{r['seconds']['aggregate']:.2f}",
-                f"{r['seconds']['eval']:.1f}",
+                f"{r.cumulative_bytes / 1e6:.2f}",
+                f"{r.seconds['train']:.1f}",
+                f"{r.seconds['aggregate']:.2f}",
+                f"{r.seconds['eval']:.1f}",
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -35,7 +37,7 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
-def plot_history(records: Sequence[dict[str, Any]], path: str | os.PathLike, metric: str = "score") -> Path | None:
+def plot_history(records: Sequence[RoundRecord], path: str | os.PathLike, metric: str = "score") -> Path | None:
     """Save a PNG with the eval metric against round and against cumulative megabytes communicated.
 
     Returns:
@@ -48,10 +50,10 @@ def plot_history(records: Sequence[dict[str, Any]], path: str | os.PathLike, met
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in records]
-    values = [r["eval"][metric] for r in records]
-    megabytes = [r["cumulative_bytes"] / 1e6 for r in records]
-    label = records[-1].get("eval_metric", metric)
+    rounds = [r.round for r in records]
+    values = [r.eval[metric] for r in records]
+    megabytes = [r.cumulative_bytes / 1e6 for r in records]
+    label = records[-1].eval_metric or metric
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     left.plot(rounds, values, marker="o")
     left.set(xlabel="round", ylabel=label, title=f"{label} by round")

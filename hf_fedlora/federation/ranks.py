@@ -14,8 +14,8 @@ low rank; after a given round the clients with the best validation scores switch
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..constants import ROUND_TAG_FORMAT
+from .rounds import METRICS_NAME, atomic_write_text
+
+if TYPE_CHECKING:
+    from .config import FederationArguments
 
 STATE_NAME = "state.json"
-METRICS_NAME = "metrics.jsonl"
 EXCHANGE_DIR = "_exchange"
-
-
-def round_dir(output_dir: str | os.PathLike, round_index: int) -> Path:
-    """``output_dir/round-NNNN``: the global adapter after ``round_index`` (0: the initial one)."""
-    return Path(output_dir) / ROUND_TAG_FORMAT.format(round_index)
 
 
 @dataclass
@@ -51,7 +48,7 @@ class RunState:
         atomic_write_text(Path(output_dir) / STATE_NAME, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, output_dir: str | os.PathLike) -> "RunState | None":
+    def load(cls, output_dir: str | os.PathLike) -> RunState | None:
         """The saved state, or ``None`` when ``output_dir`` has none."""
         path = Path(output_dir) / STATE_NAME
         if not path.is_file():
@@ -84,29 +81,12 @@ class RunState:
             )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     """Delete the hidden temporary files and folders a killed run left behind; returns their names.
 
     Rounds and state files are written to ``.<name>.*`` temporaries and renamed into place, so a
     kill can leave such a temporary but never a half-written round; this sweeps them on restart.
     """
-    import shutil
-
     removed = []
     for path in Path(output_dir).glob(".*"):
         if any(path.name.startswith(f".{name}.") for name in (STATE_NAME, METRICS_NAME)) or ".tmp-" in path.name:
@@ -115,47 +95,21 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def append_record(output_dir: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one round's record as a JSON line to ``metrics.jsonl``."""
-    with open(Path(output_dir) / METRICS_NAME, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+def prepare_output_dir(out: Path, fed_args: FederationArguments, accelerator: Any) -> RunState | None:
+    """Check the output folder (every process), clear it if asked (main), and return a saved state."""
+    state = RunState.load(out)
+    if state is not None and not fed_args.resume and not fed_args.overwrite_output_dir:
+        raise FileExistsError(
+            f"'{out}' already holds a run (round {state.completed_round} complete); pass `--resume` to continue "
+            "it, `--overwrite_output_dir` to start over, or choose another `--output_dir`."
+        )
+    if fed_args.resume and state is not None:
+        return state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and out.exists() and fed_args.overwrite_output_dir:
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    return None
 
 
-def read_records(output_dir: str | os.PathLike, up_to_round: int | None = None) -> list[dict[str, Any]]:
-    """The JSONL records (optionally only rounds <= ``up_to_round``); a torn last line is skipped."""
-    path = Path(output_dir) / METRICS_NAME
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if up_to_round is None or record.get("round", 0) <= up_to_round:
-            records.append(record)
-    return records
-
-
-def truncate_records(output_dir: str | os.PathLike, up_to_round: int) -> list[dict[str, Any]]:
-    """Rewrite ``metrics.jsonl`` keeping only complete rounds; returns the kept records."""
-    records = read_records(output_dir, up_to_round)
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write_text(Path(output_dir) / METRICS_NAME, text)
-    return records
-
-
-__all__ = [
-    "EXCHANGE_DIR",
-    "METRICS_NAME",
-    "STATE_NAME",
-    "RunState",
-    "append_record",
-    "atomic_write_text",
-    "read_records",
-    "remove_stale_temporaries",
-    "round_dir",
-    "truncate_records",
-]
+__all__ = ["EXCHANGE_DIR", "STATE_NAME", "RunState", "prepare_output_dir", "remove_stale_temporaries"]

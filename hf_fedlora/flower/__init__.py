@@ -7,7 +7,7 @@ Server side::
 
     from hf_fedlora.flower import HeteroLoraStrategy, RoundWriter, adapter_to_records
 
-    strategy = HeteroLoraStrategy(aggregation="replication", on_aggregate=RoundWriter("out"))
+    strategy = HeteroLoraStrategy(aggregation="replication", on_aggregate=RoundWriter("out"))  # round-NNNN/, metrics.jsonl
     arrays, adapter_config = adapter_to_records(initial_adapter)
     strategy.start(grid, initial_arrays=arrays, train_config=ConfigRecord(dict(adapter_config)), num_rounds=10)
 
@@ -27,8 +27,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "hf_fedlora.flower needs Flower: pip install \"hf-fedlora[flower]\" (or pip install \"flwr[simulation]>=1.20\")."
     ) from exc
 
+from ..federation.rounds import RoundWriter
 from .client import client_view, train_reply
-from .outputs import METRICS_NAME, RoundWriter
 from .records import (
     ADAPTER_CONFIG_KEYS,
     adapter_from_records,
@@ -36,15 +36,14 @@ from .records import (
     array_to_tensor,
     tensor_to_array,
 )
-from .strategy import SEND_BACK_KEY, HeteroLoraStrategy, RoundRecord
+from .strategy import SEND_BACK_KEY, HeteroLoraStrategy, RoundReplies
 
 __all__ = [
     "ADAPTER_CONFIG_KEYS",
-    "HeteroLoraStrategy",
-    "METRICS_NAME",
-    "RoundRecord",
-    "RoundWriter",
     "SEND_BACK_KEY",
+    "HeteroLoraStrategy",
+    "RoundReplies",
+    "RoundWriter",
     "adapter_from_records",
     "adapter_to_records",
     "array_to_tensor",

@@ -24,6 +24,7 @@ from flwr.supercore import log
 from ..adapters import LoraAdapter
 from ..adapters.validate import check_compatible
 from ..aggregation import aggregate_adapters
+from ..constants import SendBackMethod, check_send_back
 from ..errors import AdapterError
 from ..strategies import Strategy, get_strategy
 from .records import NUM_EXAMPLES_KEY, RANK_KEY, adapter_from_records, adapter_to_records
@@ -35,8 +36,10 @@ RankAllocation = Mapping[int, int] | Callable[[int, int], "int | None"]
 
 
 @dataclass
-class RoundRecord:
-    """What one round of :class:`HeteroLoraStrategy` received and produced (kept when ``keep_replies``).
+class RoundReplies:
+    """What one round of :class:`HeteroLoraStrategy` received and produced (in :attr:`HeteroLoraStrategy.rounds`;
+    the adapters only with ``keep_replies``). The round's ``metrics.jsonl`` line is a
+    :class:`hf_fedlora.federation.RoundRecord`, written by a :class:`RoundWriter`.
 
     Attributes:
         server_round: the round, from 1.
@@ -96,7 +99,7 @@ class HeteroLoraStrategy(FedAvg):
         *,
         aggregation: str | Strategy = "replication",
         target_rank: int | None = None,
-        send_back: str | None = None,
+        send_back: SendBackMethod | None = None,
         rank_allocation: RankAllocation | None = None,
         alpha_ratio: float = 2.0,
         keep_replies: bool = False,
@@ -106,9 +109,7 @@ class HeteroLoraStrategy(FedAvg):
         super().__init__(**kwargs)
         self.aggregation = get_strategy(aggregation)
         self.target_rank = target_rank
-        self.send_back = send_back or self.aggregation.send_back
-        if self.send_back not in ("truncate", "svd"):
-            raise AdapterError(f"`send_back` must be 'truncate' or 'svd', got {self.send_back!r}.")
+        self.send_back = check_send_back(send_back or self.aggregation.send_back)
         if not alpha_ratio > 0:
             raise AdapterError(f"`alpha_ratio` must be positive, got {alpha_ratio!r}.")
         self.rank_allocation = rank_allocation
@@ -117,7 +118,7 @@ class HeteroLoraStrategy(FedAvg):
         self.on_aggregate = on_aggregate
         self.global_adapter: LoraAdapter | None = None
         self.client_ranks: dict[int, int] = {}
-        self.rounds: list[RoundRecord] = []
+        self.rounds: list[RoundReplies] = []
         self._global_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -170,7 +171,7 @@ class HeteroLoraStrategy(FedAvg):
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
-    def _accept(self, msg: Message, record: RoundRecord, previous: LoraAdapter) -> LoraAdapter | None:
+    def _accept(self, msg: Message, record: RoundReplies, previous: LoraAdapter) -> LoraAdapter | None:
         node_id = msg.metadata.src_node_id
         label = f"round {record.server_round}, reply from node {node_id}"
         try:
@@ -205,7 +206,7 @@ class HeteroLoraStrategy(FedAvg):
         previous = self.global_adapter
         if previous is None:
             raise RuntimeError("aggregate_train called before configure_train: no global adapter yet.")
-        record = RoundRecord(server_round, previous=previous)
+        record = RoundReplies(server_round, previous=previous)
         accepted: list[tuple[int, LoraAdapter, RecordDict]] = []
         for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
             adapter = self._accept(msg, record, previous)
@@ -228,7 +229,7 @@ class HeteroLoraStrategy(FedAvg):
         )
         record.global_adapter = self.global_adapter
         self._global_arrays, _ = adapter_to_records(self.global_adapter)
-        self.rounds.append(record if self.keep_replies else RoundRecord(server_round, record.node_ids, rejected=record.rejected))
+        self.rounds.append(record if self.keep_replies else RoundReplies(server_round, record.node_ids, rejected=record.rejected))
         metrics = self._train_metrics([content for _, _, content in accepted], len(record.rejected))
         if counts is not None:
             metrics[self.weighted_by_key] = int(sum(counts))
@@ -247,4 +248,4 @@ class HeteroLoraStrategy(FedAvg):
         return metrics
 
 
-__all__ = ["HeteroLoraStrategy", "RoundRecord", "SEND_BACK_KEY"]
+__all__ = ["SEND_BACK_KEY", "HeteroLoraStrategy", "RoundReplies"]

@@ -2,7 +2,9 @@
 
 Outputs in ``output-dir``: ``round-NNNN/`` (the global adapter, loads with
 ``peft.PeftModel.from_pretrained``), ``metrics.jsonl`` (train and SST-2 dev metrics per round), and
-with ``hub-repo-id`` set, one Hub commit and ``round-NNNN`` tag per round.
+with ``hub-repo-id`` set, one Hub commit and ``round-NNNN`` tag per round. The writer is the recipe's
+``hf_fedlora.federation.RoundWriter``: a failed push is logged and recorded in the round's
+``metrics.jsonl`` line (``hub_push``), and the run goes on.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
         config["output-dir"],
         hub_repo_id=config["hub-repo-id"] or None,
         token=os.environ.get("HF_TOKEN"),
-        card_info={"base_model": model_path(config), "dataset": "SST-2", "aggregation": config["aggregation"]},
+        card_info={"base_model": model_path(config), "dataset": "SST-2", "strategy": config["aggregation"]},
     )
     last_train: dict[str, float] = {}
     strategy = HeteroLoraStrategy(

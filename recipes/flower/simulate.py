@@ -30,9 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["FEDLORA_FLOWER_RUN_CONFIG"] = json.dumps(json.loads(args.run_config))  # read by task.run_config
 
-    from flwr.simulation import run_simulation
-
     from client_app import app as client_app
+    from flwr.simulation import run_simulation
     from server_app import app as server_app
 
     started = time.perf_counter()
