@@ -41,9 +41,16 @@ def resolve_weights(
         what = "weights"
     values = list(weights)
     if len(values) != len(adapters):
-        raise InvalidWeightsError(f"`{what}` has {len(values)} entries for {len(adapters)} clients; give one per client.")
+        raise InvalidWeightsError(
+            f"`{what}` has {len(values)} entries for {len(adapters)} clients; give one per client."
+        )
     for adapter, value in zip(adapters, values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise InvalidWeightsError(
                 f"{adapter.label}: `{what}` entry is {value!r}; every client's weight must be a finite positive number."
             )
@@ -129,10 +136,14 @@ def aggregate_adapters(
     strategy = get_strategy(strategy)
     if not sources:
         raise AdapterError("`sources` is empty: pass at least one client adapter to aggregate.")
-    if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1):
+    if target_rank is not None and (
+        isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1
+    ):
         raise AdapterError(f"`target_rank` must be a positive integer, got {target_rank!r}.")
     load = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
-    adapters = [resolve_adapter(s, f"client {i} ({describe_source(s)})", **load) for i, s in enumerate(sources)]
+    adapters = [
+        resolve_adapter(s, f"client {i} ({describe_source(s)})", **load) for i, s in enumerate(sources)
+    ]
     check_compatible(adapters, check_base_model=check_base_model)
     _check_ranks(adapters, strategy)
     p = resolve_weights(adapters, weights, num_examples)
@@ -147,7 +158,9 @@ def aggregate_adapters(
     max_ranks = [max(a.ranks.values()) for a in adapters]
     # a NaN or Inf that reaches the merged module is caught there, in one check per module
     check_inputs = not strategy.reads_every_value(max_ranks, target_rank)
-    for module in tqdm(adapters[0].modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module"):
+    for module in tqdm(
+        adapters[0].modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module"
+    ):
         folded = [a.folded_factors(module, check_finite_values=check_inputs) for a in adapters]
         inputs = ModuleInputs(
             name=module,
@@ -193,4 +206,6 @@ def aggregate_adapters(
         "hf_fedlora_version": __version__,
     }
     config = unit_scale_config(adapters[0].config, ranks)
-    return LoraAdapter.from_state_dict(config, state, label=f"global adapter ({strategy.name})", provenance=provenance)
+    return LoraAdapter.from_state_dict(
+        config, state, label=f"global adapter ({strategy.name})", provenance=provenance
+    )

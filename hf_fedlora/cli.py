@@ -1,7 +1,7 @@
 """``hf-fedlora``: merge, inspect and publish LoRA adapters from the shell.
 
-    hf-fedlora aggregate clients/a clients/b user/client-c@main --strategy replication --output global
-    hf-fedlora inspect global
+hf-fedlora aggregate clients/a clients/b user/client-c@main --strategy replication --output global
+hf-fedlora inspect global
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         description="Merge PEFT LoRA adapters (folders or Hub repo ids, 'user/repo@revision') of possibly "
         "different ranks into one global adapter, written atomically to --output.",
     )
-    p.add_argument("sources", nargs="+", help="client adapters: PEFT folders or Hub repo ids (user/repo[@revision])")
+    p.add_argument(
+        "sources", nargs="+", help="client adapters: PEFT folders or Hub repo ids (user/repo[@revision])"
+    )
     p.add_argument("--output", "-o", required=True, help="folder to write the global adapter to")
     p.add_argument(
         "--strategy",
@@ -38,14 +40,31 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         choices=list_strategies(),
         help="aggregation rule (default: replication, the rank-heterogeneity fix of Byun & Lee 2025)",
     )
-    p.add_argument("--weights", type=float, nargs="+", help="one weight per client (default: example counts, else uniform)")
-    p.add_argument("--num-examples", type=int, nargs="+", help="one training-example count per client, used as weights")
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        help="one weight per client (default: example counts, else uniform)",
+    )
+    p.add_argument(
+        "--num-examples", type=int, nargs="+", help="one training-example count per client, used as weights"
+    )
     p.add_argument("--target-rank", type=int, help="output rank (flexlora; default: the largest client rank)")
     p.add_argument("--previous", help="last round's global adapter; replication keeps slots no client owns")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the written tensors (default: the inputs')")
-    p.add_argument("--revision", help="Hub revision applied to every repo-id source without its own @revision")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle adapter_model.bin files (trusted input only)")
-    p.add_argument("--no-check-base-model", action="store_true", help="allow differing base_model_name_or_path")
+    p.add_argument(
+        "--dtype", choices=sorted(_DTYPES), help="dtype of the written tensors (default: the inputs')"
+    )
+    p.add_argument(
+        "--revision", help="Hub revision applied to every repo-id source without its own @revision"
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle adapter_model.bin files (trusted input only)",
+    )
+    p.add_argument(
+        "--no-check-base-model", action="store_true", help="allow differing base_model_name_or_path"
+    )
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +118,9 @@ def _run_aggregate(args: argparse.Namespace) -> int:
     adapter.save_pretrained(args.output)
     ranks = sorted(set(adapter.ranks.values()))
     print(f"wrote {args.output}: {len(adapter.modules)} modules, ranks {ranks}, strategy {args.strategy}")
-    print(f"send clients their view with LoraAdapter.to_rank(r, method={get_strategy(args.strategy).send_back!r})")
+    print(
+        f"send clients their view with LoraAdapter.to_rank(r, method={get_strategy(args.strategy).send_back!r})"
+    )
     return 0
 
 
@@ -108,7 +129,9 @@ def inspect_summary(adapter: LoraAdapter) -> dict:
     return {
         "label": adapter.label,
         "base_model": adapter.config.base_model_name_or_path,
-        "target_modules": sorted(adapter.config.target_modules) if isinstance(adapter.config.target_modules, (set, list)) else adapter.config.target_modules,
+        "target_modules": sorted(adapter.config.target_modules)
+        if isinstance(adapter.config.target_modules, (set, list))
+        else adapter.config.target_modules,
         "r": adapter.config.r,
         "lora_alpha": adapter.config.lora_alpha,
         "use_rslora": bool(adapter.config.use_rslora),
@@ -116,7 +139,12 @@ def inspect_summary(adapter: LoraAdapter) -> dict:
         "num_parameters": adapter.num_parameters(),
         "num_bytes": adapter.num_bytes(),
         "modules": {
-            m: {"rank": adapter.ranks[m], "scale": adapter.scale(m), "shape_A": list(adapter.factor_shapes(m)[0]), "shape_B": list(adapter.factor_shapes(m)[1])}
+            m: {
+                "rank": adapter.ranks[m],
+                "scale": adapter.scale(m),
+                "shape_A": list(adapter.factor_shapes(m)[0]),
+                "shape_B": list(adapter.factor_shapes(m)[1]),
+            }
             for m in adapter.modules
         },
         "extras": {k: list(adapter.tensor_shape(k)) for k in adapter.extras},
@@ -130,23 +158,31 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     print(f"{summary['label']}  base={summary['base_model']}  dtype={summary['dtype']}")
-    print(f"{len(summary['modules'])} LoRA modules, {summary['num_parameters']:,} values, {summary['num_bytes'] / 2**20:.2f} MiB")
+    print(
+        f"{len(summary['modules'])} LoRA modules, {summary['num_parameters']:,} values, {summary['num_bytes'] / 2**20:.2f} MiB"
+    )
     width = max(len(m) for m in summary["modules"])
     print(f"{'module':<{width}}  rank  scale     A shape       B shape")
     for module, info in summary["modules"].items():
-        print(f"{module:<{width}}  {info['rank']:>4}  {info['scale']:<8.4g}  {str(info['shape_A']):<12}  {info['shape_B']}")
+        print(
+            f"{module:<{width}}  {info['rank']:>4}  {info['scale']:<8.4g}  {str(info['shape_A']):<12}  {info['shape_B']}"
+        )
     for key, shape in summary["extras"].items():
         print(f"extra (modules_to_save): {key} {shape}")
     if summary["provenance"]:
         prov = summary["provenance"]
-        print(f"provenance: strategy={prov.get('strategy')} clients={prov.get('num_clients')} examples={prov.get('num_examples')}")
+        print(
+            f"provenance: strategy={prov.get('strategy')} clients={prov.get('num_clients')} examples={prov.get('num_examples')}"
+        )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-fedlora`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     handlers = {"aggregate": _run_aggregate, "inspect": _run_inspect}
     if args.command == "push":
         handlers["push"] = args.handler

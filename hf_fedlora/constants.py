@@ -31,8 +31,11 @@ SEND_BACK_METHODS: tuple[str, ...] = get_args(SendBackMethod)
 def check_send_back(method: object, field: str = "send_back") -> SendBackMethod:
     """The one check of a send-back method name; returns it, or raises ``ValueError`` naming the choices."""
     if method not in SEND_BACK_METHODS:
-        raise ValueError(f"`{field}` must be one of {', '.join(map(repr, SEND_BACK_METHODS))}, got {method!r}.")
+        raise ValueError(
+            f"`{field}` must be one of {', '.join(map(repr, SEND_BACK_METHODS))}, got {method!r}."
+        )
     return method  # type: ignore[return-value]
+
 
 __all__ = [
     "__version__",

@@ -62,7 +62,9 @@ def _scaled(adapter: LoraAdapter, factor: float) -> LoraAdapter:
     for key, tensor in adapter.state_dict().items():
         is_factor = key.endswith((".lora_A.weight", ".lora_B.weight"))
         state[key] = (tensor.float() * root).to(tensor.dtype) if is_factor else tensor
-    return LoraAdapter.from_state_dict(adapter.config, state, label=adapter.label, provenance=adapter.provenance)
+    return LoraAdapter.from_state_dict(
+        adapter.config, state, label=adapter.label, provenance=adapter.provenance
+    )
 
 
 def screen_clients(
@@ -93,7 +95,11 @@ def screen_clients(
         ``(accepted, verdicts)``: the adapters to aggregate (clipped where needed, in input order)
         and one verdict per source.
     """
-    for name, value in (("max_update_norm", max_update_norm), ("max_norm_ratio", max_norm_ratio), ("clip_update_norm", clip_update_norm)):
+    for name, value in (
+        ("max_update_norm", max_update_norm),
+        ("max_norm_ratio", max_norm_ratio),
+        ("clip_update_norm", clip_update_norm),
+    ):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise AdapterError(f"`{name}` must be a finite positive number, got {value!r}.")
     verdicts, readable = [], {}
@@ -112,7 +118,9 @@ def screen_clients(
             verdict.reason = f"{type(exc).__name__}: {exc}"
             continue
         readable[index] = adapter
-    median = statistics.median(v.update_norm for v in verdicts if v.update_norm is not None) if readable else 0.0
+    median = (
+        statistics.median(v.update_norm for v in verdicts if v.update_norm is not None) if readable else 0.0
+    )
     accepted = []
     for index, adapter in readable.items():
         verdict = verdicts[index]
@@ -120,7 +128,9 @@ def screen_clients(
         if max_update_norm is not None and norm > max_update_norm:
             verdict.reason = f"update norm {norm:.4g} exceeds `max_update_norm` {max_update_norm:.4g}"
         elif max_norm_ratio is not None and median > 0 and norm > max_norm_ratio * median:
-            verdict.reason = f"update norm {norm:.4g} exceeds {max_norm_ratio:g} x the round's median {median:.4g}"
+            verdict.reason = (
+                f"update norm {norm:.4g} exceeds {max_norm_ratio:g} x the round's median {median:.4g}"
+            )
         else:
             verdict.accepted = True
             if clip_update_norm is not None and norm > clip_update_norm:

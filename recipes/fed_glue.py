@@ -56,7 +56,9 @@ def parse(args: Sequence[str] | None = None) -> tuple:
     return FedArgumentParser(description=summary, epilog="Example: " + _EXAMPLE).parse_args_and_config(args)
 
 
-_EXAMPLE = "accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml --strategy zero_padding"
+_EXAMPLE = (
+    "accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml --strategy zero_padding"
+)
 
 
 def set_torch_threads() -> int:

@@ -11,9 +11,9 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -156,38 +156,102 @@ CASES: list[BadAdapter] = [
     BadAdapter("truncated safetensors", _truncate, hfl.AdapterFormatError, WEIGHTS),
     BadAdapter("random bytes as safetensors", _garbage, hfl.AdapterFormatError, WEIGHTS),
     BadAdapter("zero-byte safetensors", _empty_file, hfl.AdapterFormatError, WEIGHTS),
-    BadAdapter("header lies about a shape", _rewrite_header(_lie_about_shape), hfl.AdapterFormatError, WEIGHTS),
-    BadAdapter("header lies about offsets", _rewrite_header(_lie_about_offsets), hfl.AdapterFormatError, WEIGHTS),
-    BadAdapter("missing adapter_config.json", lambda g, b: (b / CONFIG).unlink(), hfl.AdapterNotFoundError, CONFIG),
+    BadAdapter(
+        "header lies about a shape", _rewrite_header(_lie_about_shape), hfl.AdapterFormatError, WEIGHTS
+    ),
+    BadAdapter(
+        "header lies about offsets", _rewrite_header(_lie_about_offsets), hfl.AdapterFormatError, WEIGHTS
+    ),
+    BadAdapter(
+        "missing adapter_config.json", lambda g, b: (b / CONFIG).unlink(), hfl.AdapterNotFoundError, CONFIG
+    ),
     BadAdapter("missing safetensors", lambda g, b: (b / WEIGHTS).unlink(), hfl.AdapterNotFoundError, WEIGHTS),
-    BadAdapter("config is not JSON", lambda g, b: (b / CONFIG).write_text("{ r: 4,"), hfl.AdapterFormatError, "not valid JSON"),
-    BadAdapter("config is a JSON list", lambda g, b: (b / CONFIG).write_text("[4, 8]"), hfl.AdapterFormatError, "JSON object"),
-    BadAdapter("config is not LoRA (IA3)", _config(peft_type="IA3"), hfl.UnsupportedAdapterError, "`peft_type`"),
+    BadAdapter(
+        "config is not JSON",
+        lambda g, b: (b / CONFIG).write_text("{ r: 4,"),
+        hfl.AdapterFormatError,
+        "not valid JSON",
+    ),
+    BadAdapter(
+        "config is a JSON list",
+        lambda g, b: (b / CONFIG).write_text("[4, 8]"),
+        hfl.AdapterFormatError,
+        "JSON object",
+    ),
+    BadAdapter(
+        "config is not LoRA (IA3)", _config(peft_type="IA3"), hfl.UnsupportedAdapterError, "`peft_type`"
+    ),
     BadAdapter("DoRA", _config(use_dora=True), hfl.UnsupportedAdapterError, "`use_dora`"),
-    BadAdapter("LoRA bias tensor", _set(QUERY0 + ".lora_B.bias", torch.zeros(32)), hfl.UnsupportedAdapterError, "lora_B.bias"),
+    BadAdapter(
+        "LoRA bias tensor",
+        _set(QUERY0 + ".lora_B.bias", torch.zeros(32)),
+        hfl.UnsupportedAdapterError,
+        "lora_B.bias",
+    ),
     BadAdapter("negative rank in config", _config(r=-4), hfl.AdapterFormatError, "`r`"),
-    BadAdapter("rank_pattern not a mapping", _config(rank_pattern=[4]), hfl.AdapterFormatError, "`rank_pattern`"),
+    BadAdapter(
+        "rank_pattern not a mapping", _config(rank_pattern=[4]), hfl.AdapterFormatError, "`rank_pattern`"
+    ),
     BadAdapter("config rank contradicts tensors", _config(r=6), hfl.RankMismatchError, "declares rank 6"),
-    BadAdapter("A and B disagree on rank", _set(QUERY0_B, torch.randn(32, 3)), hfl.RankMismatchError, QUERY0_B),
+    BadAdapter(
+        "A and B disagree on rank", _set(QUERY0_B, torch.randn(32, 3)), hfl.RankMismatchError, QUERY0_B
+    ),
     BadAdapter("rank larger than the layer", _absurd_rank, hfl.RankMismatchError, "larger than the layer"),
-    BadAdapter("different base model", _config(base_model_name_or_path="someone/other"), hfl.IncompatibleAdaptersError, "base_model_name_or_path"),
-    BadAdapter("different target modules", _different_targets, hfl.IncompatibleAdaptersError, "target modules"),
-    BadAdapter("different layer shape", _set(QUERY0_A, torch.randn(4, 40)), hfl.IncompatibleAdaptersError, "layer shape"),
+    BadAdapter(
+        "different base model",
+        _config(base_model_name_or_path="someone/other"),
+        hfl.IncompatibleAdaptersError,
+        "base_model_name_or_path",
+    ),
+    BadAdapter(
+        "different target modules", _different_targets, hfl.IncompatibleAdaptersError, "target modules"
+    ),
+    BadAdapter(
+        "different layer shape",
+        _set(QUERY0_A, torch.randn(4, 40)),
+        hfl.IncompatibleAdaptersError,
+        "layer shape",
+    ),
     BadAdapter("different head shape", _different_head, hfl.IncompatibleAdaptersError, "classifier.weight"),
     BadAdapter("module missing lora_B", _delete(QUERY0_B), hfl.AdapterFormatError, "no `lora_B.weight`"),
     BadAdapter("module missing lora_A", _delete(QUERY0_A), hfl.AdapterFormatError, "no `lora_A.weight`"),
-    BadAdapter("unknown extra tensor", _set("base_model.model.spy.weight", torch.zeros(2)), hfl.AdapterFormatError, "spy.weight"),
-    BadAdapter("integer LoRA factor", _set(QUERY0_A, torch.ones(4, 32, dtype=torch.int32)), hfl.AdapterFormatError, "floating point"),
+    BadAdapter(
+        "unknown extra tensor",
+        _set("base_model.model.spy.weight", torch.zeros(2)),
+        hfl.AdapterFormatError,
+        "spy.weight",
+    ),
+    BadAdapter(
+        "integer LoRA factor",
+        _set(QUERY0_A, torch.ones(4, 32, dtype=torch.int32)),
+        hfl.AdapterFormatError,
+        "floating point",
+    ),
     BadAdapter("1-D LoRA factor", _set(QUERY0_A, torch.ones(4)), hfl.AdapterFormatError, "matrices"),
     BadAdapter("NaN in a LoRA factor", _poison(QUERY0_A, float("nan")), hfl.NonFiniteTensorError, QUERY0_A),
     BadAdapter("Inf in a LoRA factor", _poison(QUERY0_B, float("inf")), hfl.NonFiniteTensorError, QUERY0_B),
-    BadAdapter("Inf in the classifier head", _poison("base_model.model.classifier.weight", float("-inf")), hfl.NonFiniteTensorError, "classifier.weight"),
+    BadAdapter(
+        "Inf in the classifier head",
+        _poison("base_model.model.classifier.weight", float("-inf")),
+        hfl.NonFiniteTensorError,
+        "classifier.weight",
+    ),
     BadAdapter("empty adapter (no tensors)", _empty_adapter, hfl.AdapterFormatError, "no LoRA tensors"),
     BadAdapter("head only, no LoRA tensors", _only_head, hfl.AdapterFormatError, "no LoRA tensors"),
     BadAdapter("pickle adapter_model.bin only", _pickle_only, hfl.UnsafeFormatError, "allow_pickle"),
     BadAdapter("config symlinked outside the folder", _symlink_out, hfl.AdapterFormatError, "symlink"),
-    BadAdapter("'..' in a tensor name", _set("base_model.model..._secret.weight", torch.zeros(2)), hfl.AdapterFormatError, "not a dotted module path"),
-    BadAdapter("'/' in a tensor name", _set("base_model.model.classifier/../../x", torch.zeros(2)), hfl.AdapterFormatError, "not a dotted module path"),
+    BadAdapter(
+        "'..' in a tensor name",
+        _set("base_model.model..._secret.weight", torch.zeros(2)),
+        hfl.AdapterFormatError,
+        "not a dotted module path",
+    ),
+    BadAdapter(
+        "'/' in a tensor name",
+        _set("base_model.model.classifier/../../x", torch.zeros(2)),
+        hfl.AdapterFormatError,
+        "not a dotted module path",
+    ),
 ]
 
 
@@ -209,10 +273,14 @@ def markdown_table(outcomes: list[tuple[BadAdapter, str, bool]]) -> str:
     """The gallery as a markdown table: case, expected error, outcome, and totals."""
     rows = ["| # | bad input | expected error | outcome |", "|---|---|---|---|"]
     for i, (case, got, ok) in enumerate(outcomes, 1):
-        rows.append(f"| {i} | {case.name} | `{case.error.__name__}` | {'rejected, culprit named' if ok else 'FAILED: ' + got} |")
+        rows.append(
+            f"| {i} | {case.name} | `{case.error.__name__}` | {'rejected, culprit named' if ok else 'FAILED: ' + got} |"
+        )
     passed = sum(ok for _, _, ok in outcomes)
     rows.append("")
-    rows.append(f"Bad-adapter gallery: {passed} of {len(outcomes)} cases rejected with the expected error naming the client and the fault.")
+    rows.append(
+        f"Bad-adapter gallery: {passed} of {len(outcomes)} cases rejected with the expected error naming the client and the fault."
+    )
     return "\n".join(rows)
 
 
@@ -224,7 +292,9 @@ def run_gallery() -> list[tuple[BadAdapter, str, bool]]:
     for case in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             got, message = run_case(case, Path(tmp))
-        outcomes.append((case, got, got == case.error.__name__ and case.culprit in message and "client 1" in message))
+        outcomes.append(
+            (case, got, got == case.error.__name__ and case.culprit in message and "client 1" in message)
+        )
     return outcomes
 
 

@@ -77,7 +77,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer), "num_labels": 2}))
+    model = BertForSequenceClassification(
+        BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer), "num_labels": 2})
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -96,7 +98,9 @@ def baseline(tiny_model_dir: Path, shared_data: Path, tmp_path_factory: pytest.T
 
 
 @pytest.fixture
-def local_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+def local_hub(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LocalHub]:
     """A running :class:`hub_server.LocalHub` that requires ``HUB_TOKEN`` for writes and private
     reads; the client's retry backoff is cut to 10 ms so that injected faults cost no test time."""
     monkeypatch.setattr("hf_fedlora.hub._retry._BASE_WAIT", 0.01)

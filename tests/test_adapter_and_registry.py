@@ -62,7 +62,12 @@ def test_peft_model_and_lora_adapter_sources(make_adapter):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
-    peft_model = get_peft_model(tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_bert(),
+        LoraConfig(
+            r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False
+        ),
+    )
     in_memory = LoraAdapter.from_pretrained(make_adapter("b", 8, 16, seed=2))
     merged = aggregate_adapters([peft_model, in_memory], strategy="stacking")
     from_model = LoraAdapter.from_peft_model(peft_model)
@@ -109,7 +114,9 @@ class TestRegistry:
 
         assert "first_client_for_test" in hfl.list_strategies()
         first = LoraAdapter.from_pretrained(make_adapter("a", 2, 4, seed=1))
-        merged = aggregate_adapters([first, make_adapter("b", 4, 8, seed=2)], strategy="first_client_for_test")
+        merged = aggregate_adapters(
+            [first, make_adapter("b", 4, 8, seed=2)], strategy="first_client_for_test"
+        )
         torch.testing.assert_close(merged.delta_weight(QUERY0), first.delta_weight(QUERY0))
 
     def test_bad_names_and_duplicates_are_refused(self):
@@ -133,7 +140,9 @@ class TestRegistry:
             name = "bad_send_back_for_test"
             send_back = "pad"
 
-        with pytest.raises(hfl.AdapterError, match="`BadSendBack.send_back` must be one of 'truncate', 'svd'"):
+        with pytest.raises(
+            hfl.AdapterError, match="`BadSendBack.send_back` must be one of 'truncate', 'svd'"
+        ):
             register_strategy(BadSendBack)
 
     def test_to_rank_refuses_unknown_send_back_methods(self, make_adapter):
@@ -144,7 +153,10 @@ class TestRegistry:
 def test_cli_aggregate_then_inspect(make_adapter, tmp_path, capsys):
     out = tmp_path / "global"
     sources = [str(make_adapter("a", 2, 4, seed=1)), str(make_adapter("b", 8, 16, seed=2))]
-    assert main(["aggregate", *sources, "--strategy", "flexlora", "--target-rank", "4", "--output", str(out)]) == 0
+    assert (
+        main(["aggregate", *sources, "--strategy", "flexlora", "--target-rank", "4", "--output", str(out)])
+        == 0
+    )
     assert "ranks [4]" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

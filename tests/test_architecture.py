@@ -91,7 +91,12 @@ def test_no_import_cycle_among_package_modules():
 def test_lower_layers_do_not_import_upper_ones():
     graph = _import_graph()
     forbidden = {
-        "hf_fedlora.adapters": ("hf_fedlora.aggregation", "hf_fedlora.federation", "hf_fedlora.flower", "hf_fedlora.cli"),
+        "hf_fedlora.adapters": (
+            "hf_fedlora.aggregation",
+            "hf_fedlora.federation",
+            "hf_fedlora.flower",
+            "hf_fedlora.cli",
+        ),
         "hf_fedlora.strategies": ("hf_fedlora.adapters", "hf_fedlora.aggregation", "hf_fedlora.federation"),
         "hf_fedlora.aggregation": ("hf_fedlora.federation", "hf_fedlora.flower", "hf_fedlora.hub"),
         "hf_fedlora.federation": ("hf_fedlora.flower", "hf_fedlora.cli"),

@@ -12,14 +12,20 @@ from hf_fedlora.federation.data import TextSplit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TEXTS = ["the market rallied on strong earnings", "the striker scored twice in the final",
-         "a new chip doubles battery life", "talks over the treaty stalled again"] * 6
+TEXTS = [
+    "the market rallied on strong earnings",
+    "the striker scored twice in the final",
+    "a new chip doubles battery life",
+    "talks over the treaty stalled again",
+] * 6
 
 
 def _trainer(model_dir, device: str) -> LocalTrainer:
     # no dropout anywhere (CPU and CUDA draw different masks from the same seed): the same math on both devices
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    return LocalTrainer(str(model_dir), 2, lora_alpha=8.0, lora_dropout=0.0, config_overrides=no_dropout, device=device)
+    return LocalTrainer(
+        str(model_dir), 2, lora_alpha=8.0, lora_dropout=0.0, config_overrides=no_dropout, device=device
+    )
 
 
 def test_cuda_training_matches_cpu_and_returns_cpu_adapters(tiny_model_dir):

@@ -53,7 +53,10 @@ def load_and_check_keys(base, folder):
 
 @pytest.mark.parametrize("strategy", ["replication", "stacking"])  # every rule: test_strategy_contract.py
 def test_two_heterogeneous_clients_merge_into_a_loadable_adapter(strategy, tmp_path):
-    folders = [write_peft_adapter(tmp_path / "r2", 2, 4, seed=1), write_peft_adapter(tmp_path / "r8", 8, 16, seed=2)]
+    folders = [
+        write_peft_adapter(tmp_path / "r2", 2, 4, seed=1),
+        write_peft_adapter(tmp_path / "r8", 8, 16, seed=2),
+    ]
     clients = [raw_client(f) for f in folders]
     merged = aggregate_adapters(folders, strategy=strategy, num_examples=[100, 300])
     out = merged.save_pretrained(tmp_path / "global")
@@ -86,14 +89,20 @@ def test_two_heterogeneous_clients_merge_into_a_loadable_adapter(strategy, tmp_p
 def test_output_records_provenance(tmp_path):
     import hashlib
 
-    folders = [write_peft_adapter(tmp_path / "r2", 2, 4, seed=1), write_peft_adapter(tmp_path / "r8", 8, 16, seed=2)]
+    folders = [
+        write_peft_adapter(tmp_path / "r2", 2, 4, seed=1),
+        write_peft_adapter(tmp_path / "r8", 8, 16, seed=2),
+    ]
     out = aggregate_adapters(folders, num_examples=[10, 30]).save_pretrained(tmp_path / "global")
     record = json.loads((out / "fedlora_provenance.json").read_text())
     assert record["strategy"] == "replication" and record["num_examples"] == 40
     assert [c["ranks"] for c in record["clients"]] == [[2], [8]]
     assert [c["weight"] for c in record["clients"]] == [0.25, 0.75]
     for client, folder in zip(record["clients"], folders):
-        assert client["sha256"] == hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert (
+            client["sha256"]
+            == hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+        )
     assert "hf_fedlora_version" in record
 
 
@@ -111,7 +120,16 @@ def test_embedded_minilm_clients_merge_and_load(tmp_path):
     folders = []
     for rank, seed in ((2, 1), (8, 2)):
         torch.manual_seed(seed)
-        model = get_peft_model(base(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False))
+        model = get_peft_model(
+            base(),
+            LoraConfig(
+                r=rank,
+                lora_alpha=2 * rank,
+                target_modules=["query", "value"],
+                task_type="SEQ_CLS",
+                init_lora_weights=False,
+            ),
+        )
         model.save_pretrained(str(tmp_path / f"r{rank}"))
         folders.append(tmp_path / f"r{rank}")
     merged = aggregate_adapters(folders)

@@ -46,7 +46,12 @@ def test_pickle_is_accepted_only_when_opted_in(make_adapter):
 
 @pytest.mark.parametrize(
     "weights, fragment",
-    [([1.0], "1 entries for 2 clients"), ([1.0, 0.0], "client 1"), ([1.0, -2.0], "client 1"), ([float("nan"), 1.0], "client 0")],
+    [
+        ([1.0], "1 entries for 2 clients"),
+        ([1.0, 0.0], "client 1"),
+        ([1.0, -2.0], "client 1"),
+        ([float("nan"), 1.0], "client 0"),
+    ],
 )
 def test_invalid_weights(weights, fragment, make_adapter):
     sources = [make_adapter("a", 2, 4, seed=1), make_adapter("b", 4, 8, seed=2)]
@@ -92,7 +97,9 @@ def test_failed_save_leaves_no_partial_output(make_adapter, tmp_path, monkeypatc
 
 @pytest.mark.parametrize(
     "strategy, target_rank",
-    [(s, t) for s in hfl.list_strategies() for t in (None, 2) if not (s == "stacking" and t)],  # stacking: no target
+    [
+        (s, t) for s in hfl.list_strategies() for t in (None, 2) if not (s == "stacking" and t)
+    ],  # stacking: no target
 )
 def test_non_finite_client_is_named_by_every_strategy(strategy, target_rank, tmp_path):
     """Rules that carry every input value into the result check each merged module once and look for

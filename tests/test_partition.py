@@ -37,7 +37,10 @@ def test_every_partitioner_is_a_disjoint_cover_and_deterministic(n, num_clients,
     if name == "high_quality" and num_clients < 2:
         num_clients = 2
     labels = np.random.default_rng(seed).integers(0, num_classes, size=n)
-    make = lambda s: make_partitioner(name, num_clients, seed=s, dirichlet_alpha=0.5, high_quality_fraction=0.2)  # noqa: E731
+
+    def make(s):
+        return make_partitioner(name, num_clients, seed=s, dirichlet_alpha=0.5, high_quality_fraction=0.2)
+
     parts = make(seed)(labels)
     assert len(parts) == num_clients
     _check_disjoint_cover(parts, n)
@@ -79,7 +82,9 @@ def test_high_quality_clients_get_balanced_data_and_the_rest_is_skewed():
     assert partitioner.num_high_quality == 2
     for part in parts[:2]:
         counts = np.bincount(labels[part], minlength=4)
-        assert counts.sum() == 1000 // 20 and counts.max() - counts.min() <= 1  # an equal share, classes balanced
+        assert (
+            counts.sum() == 1000 // 20 and counts.max() - counts.min() <= 1
+        )  # an equal share, classes balanced
     assert _skew(parts[2:], labels) > 0.6
 
 
@@ -93,8 +98,14 @@ def test_regression_labels_are_binned_into_quantiles():
     "kwargs, match",
     [
         (dict(name="random", num_partitions=3), "`partition` must be one of"),
-        (dict(name="dirichlet", num_partitions=3, dirichlet_alpha=0.0), "`dirichlet_alpha` must be a positive"),
-        (dict(name="high_quality", num_partitions=3, high_quality_fraction=1.5), "`high_quality_fraction` must be in"),
+        (
+            dict(name="dirichlet", num_partitions=3, dirichlet_alpha=0.0),
+            "`dirichlet_alpha` must be a positive",
+        ),
+        (
+            dict(name="high_quality", num_partitions=3, high_quality_fraction=1.5),
+            "`high_quality_fraction` must be in",
+        ),
         (dict(name="iid", num_partitions=0), "`num_partitions` must be a positive"),
     ],
 )

@@ -36,7 +36,9 @@ def update(strategy: str, inputs: ModuleInputs) -> torch.Tensor:
 def test_client_order_does_not_matter(ranks, weights, seed, data):
     inputs = make_inputs(ranks, weights, seed)
     order = data.draw(st.permutations(range(len(ranks))))
-    shuffled = ModuleInputs("m", [inputs.a[i] for i in order], [inputs.b[i] for i in order], inputs.weights[list(order)])
+    shuffled = ModuleInputs(
+        "m", [inputs.a[i] for i in order], [inputs.b[i] for i in order], inputs.weights[list(order)]
+    )
     for strategy in HETEROGENEOUS:
         torch.testing.assert_close(update(strategy, shuffled), update(strategy, inputs), rtol=1e-4, atol=1e-5)
 

@@ -38,7 +38,15 @@ def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_d
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    for name in ("round-0000", "round-0001", "round-0002", "metrics.jsonl", "state.json", "metrics.png", "README.md"):
+    for name in (
+        "round-0000",
+        "round-0001",
+        "round-0002",
+        "metrics.jsonl",
+        "state.json",
+        "metrics.png",
+        "README.md",
+    ):
         assert (baseline / name).exists(), name
     assert not (baseline / "_exchange").exists()
     assert list(baseline.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
@@ -73,7 +81,9 @@ def test_two_round_run_writes_loadable_adapters_and_jsonl(baseline, tiny_model_d
     with torch.no_grad():
         batch = tokenizer(data.texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
         predictions = model(**batch).logits.argmax(-1).numpy()
-    assert float(np.mean(predictions == data.labels)) == pytest.approx(records[1]["eval"]["accuracy"], abs=1 / 64)
+    assert float(np.mean(predictions == data.labels)) == pytest.approx(
+        records[1]["eval"]["accuracy"], abs=1 / 64
+    )
 
 
 def test_existing_output_is_refused_and_resume_checks_options(baseline, tiny_model_dir, shared_data):
@@ -89,15 +99,24 @@ def test_a_run_saved_before_an_option_existed_resumes(baseline, tiny_model_dir, 
     old = tmp_path / "old_run"
     shutil.copytree(baseline, old)
     state = json.loads((old / "state.json").read_text())
-    del state["fingerprint"]["quality_scoring"], state["fingerprint"]["clip_update_norm"]  # options added later
+    del (
+        state["fingerprint"]["quality_scoring"],
+        state["fingerprint"]["clip_update_norm"],
+    )  # options added later
     (old / "state.json").write_text(json.dumps(state))
-    result = run_recipe(recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=3))  # one more round
+    result = run_recipe(
+        recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=3)
+    )  # one more round
     assert [r.round for r in result.records] == [1, 2, 3]
     with pytest.raises(ValueError, match="`quality_scoring`: saved 'sampled', now 'all'"):
-        run_recipe(recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=4, quality_scoring="all"))
+        run_recipe(
+            recipe_args(tiny_model_dir, shared_data, old, resume=True, rounds=4, quality_scoring="all")
+        )
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted_run(
+    baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch
+):
     import hf_fedlora.federation.rounds as rounds
 
     out = tmp_path / "interrupted"
@@ -126,7 +145,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(baseline, tiny_model
     assert [r["round"] for r in got] == [1, 2]
     for g, w in zip(got, want):
         assert g["eval"] == pytest.approx(w["eval"])
-        assert [(c["client"], c["rank"]) for c in g["clients"]] == [(c["client"], c["rank"]) for c in w["clients"]]
+        assert [(c["client"], c["rank"]) for c in g["clients"]] == [
+            (c["client"], c["rank"]) for c in w["clients"]
+        ]
         assert [c["loss"] for c in g["clients"]] == pytest.approx([c["loss"] for c in w["clients"]], abs=1e-6)
 
 
@@ -140,10 +161,15 @@ def _free_port() -> int:
 def test_two_processes_give_the_same_global_adapter_as_one(baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "k2"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO_ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"),
-        "--main_process_port", str(_free_port()),
-        str(RECIPE), *recipe_args(tiny_model_dir, shared_data, out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        str(RECIPE),
+        *recipe_args(tiny_model_dir, shared_data, out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -154,17 +180,33 @@ def test_two_processes_give_the_same_global_adapter_as_one(baseline, tiny_model_
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
     got, want = read_metrics(out), read_metrics(baseline)
-    assert [[c["client"] for c in r["clients"]] for r in got] == [[c["client"] for c in r["clients"]] for r in want]
+    assert [[c["client"] for c in r["clients"]] for r in got] == [
+        [c["client"] for c in r["clients"]] for r in want
+    ]
     assert [r["eval"]["accuracy"] for r in got] == [r["eval"]["accuracy"] for r in want]
 
 
 def test_paper_setup_upgrades_the_best_scored_clients(tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "paper"
-    run_recipe(recipe_args(
-        tiny_model_dir, shared_data, out, task="ag_news", data_dir=shared_data / "ag_news", max_train_samples=400,
-        num_clients=6, clients_per_round=3, partition="high_quality", high_quality_fraction=0.2,
-        quality_upgrade=True, low_rank=2, high_rank=6, upgrade_fraction=0.34, quality_eval_samples=32,
-    ))
+    run_recipe(
+        recipe_args(
+            tiny_model_dir,
+            shared_data,
+            out,
+            task="ag_news",
+            data_dir=shared_data / "ag_news",
+            max_train_samples=400,
+            num_clients=6,
+            clients_per_round=3,
+            partition="high_quality",
+            high_quality_fraction=0.2,
+            quality_upgrade=True,
+            low_rank=2,
+            high_rank=6,
+            upgrade_fraction=0.34,
+            quality_eval_samples=32,
+        )
+    )
     first, second = read_metrics(out)
     assert all(c["rank"] == 2 and "quality_score" in c for c in first["clients"])
     ranked = sorted(first["clients"], key=lambda c: (-c["quality_score"], c["client"]))
@@ -176,7 +218,9 @@ def test_paper_setup_upgrades_the_best_scored_clients(tiny_model_dir, shared_dat
     assert first["global_rank"] == second["global_rank"] == 6
 
 
-def test_failed_hub_push_is_recorded_and_the_round_is_kept(tiny_model_dir, shared_data, tmp_path, monkeypatch):
+def test_failed_hub_push_is_recorded_and_the_round_is_kept(
+    tiny_model_dir, shared_data, tmp_path, monkeypatch
+):
     import hf_fedlora.hub
 
     def failing_push(round_dir, repo_id, round_index, **kwargs):
@@ -184,8 +228,17 @@ def test_failed_hub_push_is_recorded_and_the_round_is_kept(tiny_model_dir, share
 
     monkeypatch.setattr(hf_fedlora.hub, "push_round", failing_push)
     out = tmp_path / "push"
-    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1, push_to_hub=True, hub_model_id="me/run",
-               hub_token="hf_secret"))
+    run_recipe(
+        recipe_args(
+            tiny_model_dir,
+            shared_data,
+            out,
+            rounds=1,
+            push_to_hub=True,
+            hub_model_id="me/run",
+            hub_token="hf_secret",
+        )
+    )
     (record,) = read_metrics(out)
     assert record["hub_push"]["ok"] is False
     assert "ConnectionError" in record["hub_push"]["error"] and "hf_secret" not in record["hub_push"]["error"]
@@ -209,8 +262,17 @@ def test_train_client_is_reusable_and_seeded(tiny_model_dir, shared_data):
     assert set(smaller.ranks.values()) == {2}
     # the three calls shared one cached base model, which now holds both rank slots
     assert len(set(_TRAINERS) - before) <= 1
-    trainer = get_trainer(str(tiny_model_dir), 2, target_modules=("query", "value"), lora_alpha=8.0, lora_dropout=0.05,
-                          use_rslora=False, is_regression=False, config_overrides=None, device="cpu")
+    trainer = get_trainer(
+        str(tiny_model_dir),
+        2,
+        target_modules=("query", "value"),
+        lora_alpha=8.0,
+        lora_dropout=0.05,
+        use_rslora=False,
+        is_regression=False,
+        config_overrides=None,
+        device="cpu",
+    )
     assert {"r4", "r2"} <= set(trainer.model.peft_config)
 
 
@@ -231,7 +293,12 @@ def test_yaml_gives_defaults_cli_overrides_and_unknown_keys_fail(tmp_path):
     assert client_args.target_modules == ["query", "value"]
     paper = recipe.parse(["--config", str(CONFIGS / "ag_news_paper.yaml")])[3]
     assert (paper.num_clients, paper.clients_per_round, paper.partition) == (100, 10, "high_quality")
-    assert (paper.quality_upgrade, paper.low_rank, paper.high_rank, paper.high_quality_fraction) == (True, 5, 20, 0.1)
+    assert (paper.quality_upgrade, paper.low_rank, paper.high_rank, paper.high_quality_fraction) == (
+        True,
+        5,
+        20,
+        0.1,
+    )
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: sst2\nnum_client: 3\nlearning_rte: 0.1\n")
@@ -256,7 +323,10 @@ def test_defaults_that_depend_on_other_options_are_set_by_the_arguments():
     fed_args = recipe.parse(["--push_to_hub", "true", "--output_dir", "outputs/my_run/"])[3]
     assert fed_args.hub_model_id == "my_run"
     assert recipe.parse(["--output_dir", "outputs/my_run"])[3].hub_model_id is None  # not pushing: no repo
-    assert ClientArguments(local_steps=0, local_epochs=1.5, per_device_train_batch_size=8).num_local_steps(20) == 4
+    assert (
+        ClientArguments(local_steps=0, local_epochs=1.5, per_device_train_batch_size=8).num_local_steps(20)
+        == 4
+    )
 
 
 def test_metrics_lines_read_back_as_typed_records(baseline):
@@ -266,37 +336,68 @@ def test_metrics_lines_read_back_as_typed_records(baseline):
     assert [r.to_dict() for r in records] == read_metrics(baseline)  # one format, read and written losslessly
     assert all(isinstance(c, ClientRecord) for r in records for c in r.clients)
     assert records[1].cumulative_bytes == sum(r.bytes_round for r in records)
-    assert RoundRecord.from_dict({"round": 3, "clients-accepted": 4}).to_dict() == {"round": 3, "clients-accepted": 4}
+    assert RoundRecord.from_dict({"round": 3, "clients-accepted": 4}).to_dict() == {
+        "round": 3,
+        "clients-accepted": 4,
+    }
     with pytest.raises(ValueError, match="may not use the record's own keys"):
         RoundRecord(1, metrics={"eval": 0.5})
 
 
 @pytest.mark.parametrize(
     "task, num_labels, first_label, pair",
-    [("sst2", 2, 0, False), ("cola", 2, 1, False), ("mrpc", 2, 1, True), ("rte", 2, 1, True),
-     ("stsb", 1, 5.0, True), ("wnli", 2, 1, True)],
+    [
+        ("sst2", 2, 0, False),
+        ("cola", 2, 1, False),
+        ("mrpc", 2, 1, True),
+        ("rte", 2, 1, True),
+        ("stsb", 1, 5.0, True),
+        ("wnli", 2, 1, True),
+    ],
 )
 def test_glue_tsv_layout_is_read_with_its_quirks(task, num_labels, first_label, pair, shared_data):
     from types import SimpleNamespace
 
-    data = load_task(SimpleNamespace(
-        task=task, data_dir=str(shared_data / "glue"), max_train_samples=None, max_eval_samples=None,
-    ))
+    data = load_task(
+        SimpleNamespace(
+            task=task,
+            data_dir=str(shared_data / "glue"),
+            max_train_samples=None,
+            max_eval_samples=None,
+        )
+    )
     assert data.num_labels == num_labels
     assert data.train.labels[0] == pytest.approx(first_label)
     assert (data.train.text_pairs is not None) == pair
     assert len(data.validation) > 0 and all(isinstance(t, str) and t for t in data.train.texts[:50])
 
 
-def test_quality_scoring_all_probes_every_client_but_aggregates_the_sampled(tiny_model_dir, shared_data, tmp_path):
+def test_quality_scoring_all_probes_every_client_but_aggregates_the_sampled(
+    tiny_model_dir, shared_data, tmp_path
+):
     """The seed paper's allocation: every client is scored after round 1; the top fraction of all of them is upgraded."""
     out = tmp_path / "probe_all"
-    run_recipe(recipe_args(
-        tiny_model_dir, shared_data, out, task="ag_news", data_dir=shared_data / "ag_news", max_train_samples=400,
-        num_clients=6, clients_per_round=2, rounds=1, partition="high_quality", high_quality_fraction=0.2,
-        quality_upgrade=True, low_rank=2, high_rank=6, upgrade_fraction=0.34, quality_eval_samples=32,
-        quality_scoring="all",
-    ))
+    run_recipe(
+        recipe_args(
+            tiny_model_dir,
+            shared_data,
+            out,
+            task="ag_news",
+            data_dir=shared_data / "ag_news",
+            max_train_samples=400,
+            num_clients=6,
+            clients_per_round=2,
+            rounds=1,
+            partition="high_quality",
+            high_quality_fraction=0.2,
+            quality_upgrade=True,
+            low_rank=2,
+            high_rank=6,
+            upgrade_fraction=0.34,
+            quality_eval_samples=32,
+            quality_scoring="all",
+        )
+    )
     (record,) = read_metrics(out)
     state = json.loads((out / "state.json").read_text())
     assert sorted(map(int, state["scores"])) == list(range(6))
@@ -313,12 +414,18 @@ def test_resume_treats_options_newer_than_the_saved_run_as_defaults(tmp_path):
     saved = RunState(ranks=[4, 8], fingerprint={"strategy": "replication", "rounds_seen": 1})
     defaults = {"quality_scoring": "sampled", "strategy": "replication"}
     # an option the old run did not record, at its default: resumable
-    saved.check_resumable({"strategy": "replication", "rounds_seen": 1, "quality_scoring": "sampled"}, tmp_path, defaults)
+    saved.check_resumable(
+        {"strategy": "replication", "rounds_seen": 1, "quality_scoring": "sampled"}, tmp_path, defaults
+    )
     # the same option changed from its default, or another recorded option changed: refused, each named
     with pytest.raises(ValueError, match=r"`quality_scoring`: saved 'sampled', now 'all'"):
-        saved.check_resumable({"strategy": "replication", "rounds_seen": 1, "quality_scoring": "all"}, tmp_path, defaults)
+        saved.check_resumable(
+            {"strategy": "replication", "rounds_seen": 1, "quality_scoring": "all"}, tmp_path, defaults
+        )
     with pytest.raises(ValueError, match=r"`strategy`: saved 'replication', now 'flexlora'"):
         saved.check_resumable({"strategy": "flexlora", "rounds_seen": 1}, tmp_path, defaults)
     # an option with no known default that the old run did not record: refused
     with pytest.raises(ValueError, match=r"`brand_new`: saved '\(absent\)', now 3"):
-        saved.check_resumable({"strategy": "replication", "rounds_seen": 1, "brand_new": 3}, tmp_path, defaults)
+        saved.check_resumable(
+            {"strategy": "replication", "rounds_seen": 1, "brand_new": 3}, tmp_path, defaults
+        )

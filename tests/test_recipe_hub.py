@@ -18,11 +18,15 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path):
+def test_recipe_pushes_every_round_and_resume_skips_pushed_ones(
+    hub_env: LocalHub, tiny_model_dir, shared_data, tmp_path
+):
     out = tmp_path / "run"
     options = dict(push_to_hub=True, hub_model_id=REPO, hub_token=HUB_TOKEN)
     run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1, **options))
-    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=2, resume=True, **options))  # continue to round 2
+    run_recipe(
+        recipe_args(tiny_model_dir, shared_data, out, rounds=2, resume=True, **options)
+    )  # continue to round 2
 
     assert list_rounds(REPO, token=HUB_TOKEN, endpoint=hub_env.url) == [1, 2]
     commits = [r for r in hub_env.requests("POST", "/commit/") if r.status == 200]

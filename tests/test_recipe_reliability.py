@@ -48,8 +48,14 @@ def _assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
 def test_sigkill_at_a_crash_point_then_resume(point, baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / point
     argv = recipe_args(tiny_model_dir, shared_data, out)
-    done = subprocess.run([sys.executable, str(CRASH_RUNNER), point, *argv], cwd=REPO_ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(CRASH_RUNNER), point, *argv],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
     _assert_no_half_written_round(out)
@@ -61,7 +67,9 @@ def test_sigkill_at_a_crash_point_then_resume(point, baseline, tiny_model_dir, s
 def test_sigkill_at_a_random_moment_then_resume(baseline, tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "random"
     command = [sys.executable, str(CRASH_RUNNER), "none", *recipe_args(tiny_model_dir, shared_data, out)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while not (out / "round-0001").is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -100,7 +108,9 @@ def _first_sampled_client() -> int:
 
 
 @pytest.mark.parametrize("how, options", [("nan", {}), ("huge", {"max_norm_ratio": 50.0})])
-def test_a_broken_client_is_dropped_and_recorded(how, options, tiny_model_dir, shared_data, tmp_path, monkeypatch):
+def test_a_broken_client_is_dropped_and_recorded(
+    how, options, tiny_model_dir, shared_data, tmp_path, monkeypatch
+):
     victim = _first_sampled_client()
     _sabotage(monkeypatch, victim, how)
     out = tmp_path / f"bad-{how}"
@@ -117,5 +127,7 @@ def test_on_bad_client_fail_stops_the_run(tiny_model_dir, shared_data, tmp_path,
     victim = _first_sampled_client()
     _sabotage(monkeypatch, victim, "nan")
     with pytest.raises(hfl.AdapterError, match=f"client {victim}: NonFiniteTensorError"):
-        run_recipe(recipe_args(tiny_model_dir, shared_data, tmp_path / "fail", rounds=1, on_bad_client="fail"))
+        run_recipe(
+            recipe_args(tiny_model_dir, shared_data, tmp_path / "fail", rounds=1, on_bad_client="fail")
+        )
     assert json.loads((tmp_path / "fail" / "state.json").read_text())["completed_round"] == 0

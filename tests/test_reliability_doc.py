@@ -14,7 +14,9 @@ DOC = REPO_ROOT / "docs" / "reliability.md"
 
 def _tests_in(module: str) -> set[str]:
     tree = ast.parse((REPO_ROOT / "tests" / module).read_text())
-    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    return {
+        node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+    }
 
 
 def _cited() -> list[tuple[str, str]]:

@@ -39,7 +39,12 @@ def test_lone_client_round_trips_through_to_rank(make_adapter):
         [dict(r=4, lora_alpha=8), dict(r=8, lora_alpha=64)],  # mixed alphas
         [dict(r=4, lora_alpha=8, use_rslora=True), dict(r=16, lora_alpha=16)],  # rsLoRA beside plain
         [  # per-module rank and alpha patterns
-            dict(r=4, lora_alpha=8, rank_pattern={"layer.1.attention.self.query": 2}, alpha_pattern={"value": 32}),
+            dict(
+                r=4,
+                lora_alpha=8,
+                rank_pattern={"layer.1.attention.self.query": 2},
+                alpha_pattern={"value": 32},
+            ),
             dict(r=6, lora_alpha=6),
         ],
     ],
@@ -71,7 +76,9 @@ def test_global_adapter_states_scale_one_and_views_unfold_to_client_alpha(make_a
 
 
 def test_to_rank_svd_keeps_the_best_low_rank_approximation(make_adapter):
-    merged = aggregate_adapters([make_adapter("a", 4, 8, seed=1), make_adapter("b", 8, 8, seed=2)], strategy="stacking")
+    merged = aggregate_adapters(
+        [make_adapter("a", 4, 8, seed=1), make_adapter("b", 8, 8, seed=2)], strategy="stacking"
+    )
     view = merged.to_rank(3, lora_alpha=6, method="svd")
     u, s, vh = torch.linalg.svd(merged.delta_weight(QUERY0).double())
     best = (u[:, :3] * s[:3]) @ vh[:3]
@@ -104,7 +111,9 @@ def test_svd_view_of_a_rank_deficient_update_keeps_every_slot_trainable(make_ada
             assert a.shape[0] == 3
             assert bool((a.abs().sum(dim=1) > 0).all()), f"{module}: a slot with A = 0"
             assert bool((b[:, rank_of_update:] == 0).all())
-            assert float(a[rank_of_update:].abs().max()) <= 1.0 / a.shape[1] ** 0.5  # PEFT's kaiming-uniform bound
+            assert (
+                float(a[rank_of_update:].abs().max()) <= 1.0 / a.shape[1] ** 0.5
+            )  # PEFT's kaiming-uniform bound
             u, s, vh = torch.linalg.svd(adapter.delta_weight(module).double())
             best = (u[:, :3] * s[:3]) @ vh[:3]
             torch.testing.assert_close(view.delta_weight(module).double(), best, rtol=1e-4, atol=1e-6)

@@ -40,7 +40,9 @@ def reference_replication(inputs: ModuleInputs, rank: int) -> tuple[torch.Tensor
     return a_out, b_out
 
 
-def reference_zero_padding(inputs: ModuleInputs, rank: int, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_zero_padding(
+    inputs: ModuleInputs, rank: int, weights=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     weights = inputs.weights if weights is None else weights
     a_out, b_out = _zeros(inputs, rank)
     for w, a, b in zip(weights, inputs.a, inputs.b):
@@ -52,7 +54,10 @@ def reference_zero_padding(inputs: ModuleInputs, rank: int, weights=None) -> tup
 class TestEqualRanksAgree:
     def test_replication_zero_padding_fedavg_hetlora_uniform_norms(self):
         inputs = random_inputs([6, 6, 6], weights=[1, 2, 3])
-        results = {name: get_strategy(name).aggregate_module(inputs) for name in ("replication", "zero_padding", "fedavg")}
+        results = {
+            name: get_strategy(name).aggregate_module(inputs)
+            for name in ("replication", "zero_padding", "fedavg")
+        }
         for name in ("zero_padding", "fedavg"):
             torch.testing.assert_close(results[name][0], results["replication"][0])
             torch.testing.assert_close(results[name][1], results["replication"][1])
@@ -79,7 +84,10 @@ class TestReplication:
             weights=torch.tensor([0.25, 0.75]),
         )
         a, b = get_strategy("replication").aggregate_module(inputs)
-        assert a.flatten().tolist() == [0.25 * 2 + 0.75 * 6, 8.0]  # slot 1 owned by client 1 alone: kept whole
+        assert a.flatten().tolist() == [
+            0.25 * 2 + 0.75 * 6,
+            8.0,
+        ]  # slot 1 owned by client 1 alone: kept whole
         assert b.flatten().tolist() == [0.25 * 1 + 0.75 * 5, 4.0]
         za, zb = get_strategy("zero_padding").aggregate_module(inputs)
         assert za.flatten().tolist() == [5.0, 6.0]  # zero-padding shrinks slot 1 by client 1's share
@@ -110,7 +118,9 @@ class TestZeroPaddingAndHetLora:
 
     def test_hetlora_weights_by_update_norm(self):
         inputs = random_inputs([3, 7, 5], weights=[1, 1, 2], seed=3)
-        norms = torch.tensor([torch.linalg.matrix_norm(b.double() @ a.double()) for a, b in zip(inputs.a, inputs.b)])
+        norms = torch.tensor(
+            [torch.linalg.matrix_norm(b.double() @ a.double()) for a, b in zip(inputs.a, inputs.b)]
+        )
         weights = inputs.weights.double() * norms
         a, b = get_strategy("hetlora").aggregate_module(inputs)
         ref_a, ref_b = reference_zero_padding(inputs, 7, weights / weights.sum())
@@ -129,7 +139,9 @@ class TestLinalgHelpers:
         rows = lora_a_init(4, 100, torch.Generator().manual_seed(0))
         assert rows.shape == (4, 100) and rows.dtype == torch.float32
         assert float(rows.abs().max()) <= 0.1 and float(rows.abs().max()) > 0.09
-        torch.testing.assert_close(rows, lora_a_init(4, 100, torch.Generator().manual_seed(0)), rtol=0, atol=0)
+        torch.testing.assert_close(
+            rows, lora_a_init(4, 100, torch.Generator().manual_seed(0)), rtol=0, atol=0
+        )
 
 
 class TestExactStrategies:
@@ -148,7 +160,9 @@ class TestExactStrategies:
         u, s, vh = torch.linalg.svd(dense_sum(inputs))
         keep = min(rank, 14)  # the sum has rank at most 2 + 4 + 8
         reference = (u[:, :keep] * s[:keep]) @ vh[:keep]
-        error = torch.linalg.matrix_norm(b.double() @ a.double() - reference) / torch.linalg.matrix_norm(reference)
+        error = torch.linalg.matrix_norm(b.double() @ a.double() - reference) / torch.linalg.matrix_norm(
+            reference
+        )
         assert error < 1e-5
 
 
@@ -159,7 +173,9 @@ def _reference_delta(name: str, inputs: ModuleInputs, rank: int) -> torch.Tensor
     elif name == "zero_padding":
         a, b = reference_zero_padding(inputs, rank)
     elif name == "hetlora":
-        norms = torch.stack([torch.linalg.matrix_norm(b.double() @ a.double()) for a, b in zip(inputs.a, inputs.b)])
+        norms = torch.stack(
+            [torch.linalg.matrix_norm(b.double() @ a.double()) for a, b in zip(inputs.a, inputs.b)]
+        )
         weights = inputs.weights.double() * norms
         a, b = reference_zero_padding(inputs, rank, weights / weights.sum())
     elif name == "flexlora":
@@ -175,11 +191,17 @@ def test_strategy_through_aggregate_matches_reference_on_peft_files(name, make_a
     """The same rules, through files PEFT wrote with different ranks and alphas (scales folded)."""
     from hf_fedlora import LoraAdapter
 
-    paths = [make_adapter("a", 2, 4, seed=1), make_adapter("b", 8, 32, seed=2), make_adapter("c", 4, 4, seed=3)]
+    paths = [
+        make_adapter("a", 2, 4, seed=1),
+        make_adapter("b", 8, 32, seed=2),
+        make_adapter("c", 4, 4, seed=3),
+    ]
     clients = [LoraAdapter.from_pretrained(p) for p in paths]
     result = aggregate_adapters(paths, strategy=name, weights=[1, 2, 1])
     for module in clients[0].modules:
         folded = [c.folded_factors(module) for c in clients]
-        inputs = ModuleInputs(module, [f[0] for f in folded], [f[1] for f in folded], torch.tensor([0.25, 0.5, 0.25]))
+        inputs = ModuleInputs(
+            module, [f[0] for f in folded], [f[1] for f in folded], torch.tensor([0.25, 0.5, 0.25])
+        )
         expected = _reference_delta(name, inputs, 8)
         torch.testing.assert_close(result.delta_weight(module).double(), expected, rtol=1e-4, atol=1e-5)

@@ -52,7 +52,9 @@ def client_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path
     """PEFT-written client folders, made once for this module and only read by the tests."""
     root = tmp_path_factory.mktemp("contract_clients")
     return {
-        kind: [write_peft_adapter(root / f"{kind}{i}", seed=i + 1, **kwargs) for i, kwargs in enumerate(specs)]
+        kind: [
+            write_peft_adapter(root / f"{kind}{i}", seed=i + 1, **kwargs) for i, kwargs in enumerate(specs)
+        ]
         for kind, specs in (("heterogeneous", HETEROGENEOUS), ("equal", EQUAL))
     }
 
@@ -147,14 +149,21 @@ def test_send_back_gives_every_client_a_view_of_its_rank(strategy, clients) -> N
     merged = aggregate_adapters(clients, strategy.name, weights=WEIGHTS)
     for rank in (2, 5):
         view = merged.to_rank(rank, lora_alpha=2 * rank, method=strategy.send_back)
-        assert set(view.ranks.values()) == {rank} and view.config.r == rank and view.config.lora_alpha == 2 * rank
+        assert (
+            set(view.ranks.values()) == {rank}
+            and view.config.r == rank
+            and view.config.lora_alpha == 2 * rank
+        )
 
 
 def test_same_inputs_give_the_same_bytes(strategy, clients, tmp_path) -> None:
     first = aggregate_adapters(clients, strategy.name, weights=WEIGHTS)
     second = aggregate_adapters(clients, strategy.name, weights=WEIGHTS)
     assert first.sha256() == second.sha256()
-    one, two = (a.save_pretrained(tmp_path / f"out{i}") / "adapter_model.safetensors" for i, a in enumerate((first, second)))
+    one, two = (
+        a.save_pretrained(tmp_path / f"out{i}") / "adapter_model.safetensors"
+        for i, a in enumerate((first, second))
+    )
     assert one.read_bytes() == two.read_bytes()
 
 

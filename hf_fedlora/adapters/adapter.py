@@ -72,7 +72,9 @@ class LoraAdapter:
         self.label = label
         self.provenance = dict(provenance or {})
         self.directory = Path(directory) if directory is not None else None
-        layout = split_keys(store.keys(), config.modules_to_save, f"{label}, file '{ADAPTER_SAFETENSORS_NAME}'")
+        layout = split_keys(
+            store.keys(), config.modules_to_save, f"{label}, file '{ADAPTER_SAFETENSORS_NAME}'"
+        )
         self.modules, self.extras = layout.modules, layout.extras
         check_factor_shapes(self)
 
@@ -104,9 +106,16 @@ class LoraAdapter:
             UnsafeFormatError: with the source, file and field named.
         """
         folder, label = resolve_source(
-            source, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, where=label
+            source,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_pickle=allow_pickle,
+            where=label,
         )
-        config = lora_config_from_dict(read_json(folder / ADAPTER_CONFIG_NAME, label, "adapter config"), label)
+        config = lora_config_from_dict(
+            read_json(folder / ADAPTER_CONFIG_NAME, label, "adapter config"), label
+        )
         weights = folder / ADAPTER_SAFETENSORS_NAME
         if weights.is_file():
             store: TensorStore = SafetensorsStore(weights, label)
@@ -120,11 +129,17 @@ class LoraAdapter:
             store = load_pickle(folder / ADAPTER_PICKLE_NAME, label)
         else:
             raise AdapterNotFoundError(f"{label}: no '{ADAPTER_SAFETENSORS_NAME}' in '{folder}'.")
-        provenance = read_json(folder / PROVENANCE_NAME, label, "provenance") if (folder / PROVENANCE_NAME).is_file() else {}
+        provenance = (
+            read_json(folder / PROVENANCE_NAME, label, "provenance")
+            if (folder / PROVENANCE_NAME).is_file()
+            else {}
+        )
         return cls(config, store, label=label, provenance=provenance, directory=folder)
 
     @classmethod
-    def from_peft_model(cls, model: Any, adapter_name: str | None = None, *, label: str | None = None) -> LoraAdapter:
+    def from_peft_model(
+        cls, model: Any, adapter_name: str | None = None, *, label: str | None = None
+    ) -> LoraAdapter:
         """Take an adapter (default: the active one) out of a ``peft.PeftModel``, as PEFT would save it."""
         from peft import get_peft_model_state_dict
 
@@ -211,14 +226,22 @@ class LoraAdapter:
             check_finite(tensor, f"{self.label}, file '{ADAPTER_SAFETENSORS_NAME}'", key)
         return tensor
 
-    def lora_factors(self, module: str, *, check_finite_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def lora_factors(
+        self, module: str, *, check_finite_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored ``(A, B)`` of ``module`` as saved (unscaled, storage dtype), checked finite
         unless ``check_finite_values=False`` (for callers that check what they compute from them)."""
         if module not in self.modules:
-            raise KeyError(f"{self.label}: no LoRA module `{module}`; it has {len(self.modules)} modules, e.g. {self.modules[:2]}")
-        return self._read(lora_a_key(module), check_finite_values), self._read(lora_b_key(module), check_finite_values)
+            raise KeyError(
+                f"{self.label}: no LoRA module `{module}`; it has {len(self.modules)} modules, e.g. {self.modules[:2]}"
+            )
+        return self._read(lora_a_key(module), check_finite_values), self._read(
+            lora_b_key(module), check_finite_values
+        )
 
-    def folded_factors(self, module: str, *, check_finite_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded_factors(
+        self, module: str, *, check_finite_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sqrt(s) A, sqrt(s) B)`` as float32 matrices ``[r, in]`` and ``[out, r]``: ``B' @ A' = dW``."""
         a, b = self.lora_factors(module, check_finite_values=check_finite_values)
         a, b = fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
@@ -248,7 +271,9 @@ class LoraAdapter:
         store = self._store
         if isinstance(store, SafetensorsStore):
             return sha256_file(store.path)
-        return hashlib.sha256(safetensors_bytes({k: v.contiguous() for k, v in self.state_dict().items()})).hexdigest()
+        return hashlib.sha256(
+            safetensors_bytes({k: v.contiguous() for k, v in self.state_dict().items()})
+        ).hexdigest()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write the adapter as PEFT does (config + safetensors), plus its provenance file.
@@ -264,7 +289,9 @@ class LoraAdapter:
         Returns:
             The folder written.
         """
-        tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in self.state_dict().items()}
+        tensors = {
+            k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in self.state_dict().items()
+        }
         with atomic_output_dir(save_directory) as tmp:
             save_file(tensors, str(tmp / ADAPTER_SAFETENSORS_NAME), metadata={"format": "pt"})
             self.config.save_pretrained(str(tmp))
@@ -320,13 +347,18 @@ class LoraAdapter:
             if method == "svd":
                 a, b = factored_svd([b], [a], min(rank, a.shape[0]))
                 empty = empty_directions(a, b)
-            a, b = unfold(pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale)
+            a, b = unfold(
+                pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale
+            )
             if empty is not None and empty.any():
                 a, b = a.clone(), b.clone()
                 a[empty] = lora_a_init(int(empty.sum()), a.shape[1], generator)
                 b[:, empty] = 0
             if a.shape[0] < rank:
-                a, b = torch.cat([a, lora_a_init(rank - a.shape[0], a.shape[1], generator)]), pad_cols(b, rank)
+                a, b = (
+                    torch.cat([a, lora_a_init(rank - a.shape[0], a.shape[1], generator)]),
+                    pad_cols(b, rank),
+                )
             a_shape, b_shape = self.factor_shapes(module)
             dtype = self.tensor_dtype(lora_a_key(module)) or torch.float32
             state[lora_a_key(module)] = a.reshape(rank, *a_shape[1:]).to(dtype)
@@ -337,7 +369,9 @@ class LoraAdapter:
         config.r, config.lora_alpha, config.use_rslora = rank, alpha, use_rslora
         config.rank_pattern, config.alpha_pattern = {}, {}
         provenance = {k: v for k, v in self.provenance.items() if k != "num_examples"}
-        return LoraAdapter(config, MemoryStore(state), label=f"{self.label} at rank {rank}", provenance=provenance)
+        return LoraAdapter(
+            config, MemoryStore(state), label=f"{self.label} at rank {rank}", provenance=provenance
+        )
 
     def push_to_hub(
         self,

@@ -57,10 +57,14 @@ def resolve_source(
     label = where or (f"{repo_id}@{rev}" if rev else repo_id)
     if not is_repo_id(repo_id):  # also refuses '..' (no path tricks through a repo id)
         raise AdapterNotFoundError(f"{label}: no such folder, and '{repo_id}' is not a valid Hub repo id.")
-    return _download(repo_id, rev, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, label=label), label
+    return _download(
+        repo_id, rev, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, label=label
+    ), label
 
 
-def _download(repo_id: str, revision: str | None, *, token, cache_dir, allow_pickle: bool, label: str) -> Path:
+def _download(
+    repo_id: str, revision: str | None, *, token, cache_dir, allow_pickle: bool, label: str
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,

@@ -91,7 +91,9 @@ class SafetensorsStore:
             ) from exc
         header.pop("__metadata__", None)
         self._data_start = 8 + length
-        self._entries = {key: (info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for key, info in header.items()}
+        self._entries = {
+            key: (info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for key, info in header.items()
+        }
         self._keys = sorted(self._entries)
 
     def keys(self) -> list[str]:
@@ -117,7 +119,9 @@ class SafetensorsStore:
         except OSError as exc:
             raise AdapterFormatError(f"{where} cannot be read ({exc}).") from exc
         if got != len(buffer):
-            raise AdapterFormatError(f"{where}: the file ended early (it changed or was truncated after it was opened).")
+            raise AdapterFormatError(
+                f"{where}: the file ended early (it changed or was truncated after it was opened)."
+            )
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -128,9 +132,13 @@ def load_pickle(path: Path, label: str) -> MemoryStore:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AdapterFormatError(f"{label}, file '{path.name}': cannot be read as a weights-only torch file ({exc}).") from exc
+        raise AdapterFormatError(
+            f"{label}, file '{path.name}': cannot be read as a weights-only torch file ({exc})."
+        ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterFormatError(f"{label}, file '{path.name}': expected a mapping of tensor names to tensors.")
+        raise AdapterFormatError(
+            f"{label}, file '{path.name}': expected a mapping of tensor names to tensors."
+        )
     return MemoryStore(state)
 
 
@@ -150,7 +158,9 @@ def read_json(path: str | os.PathLike, where: str, what: str) -> dict[str, Any]:
             f"{where}, file '{path.name}': {what} is not valid JSON ({exc.msg} at line {exc.lineno})."
         ) from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{where}, file '{path.name}': {what} must be a JSON object, got {type(data).__name__}.")
+        raise AdapterFormatError(
+            f"{where}, file '{path.name}': {what} must be a JSON object, got {type(data).__name__}."
+        )
     return data
 
 

@@ -66,7 +66,9 @@ def lora_config_from_dict(data: dict[str, Any], where: str) -> LoraConfig:
     try:
         return LoraConfig.from_peft_type(**data)
     except (TypeError, ValueError) as exc:
-        raise AdapterFormatError(f"{where}, file '{ADAPTER_CONFIG_NAME}': not a valid LoraConfig ({exc}).") from exc
+        raise AdapterFormatError(
+            f"{where}, file '{ADAPTER_CONFIG_NAME}': not a valid LoraConfig ({exc})."
+        ) from exc
 
 
 def check_factor_shapes(adapter: AdapterLayout) -> None:
@@ -76,7 +78,9 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
     """
     where = f"{adapter.label}, file '{ADAPTER_SAFETENSORS_NAME}'"
     if not adapter.modules:
-        raise AdapterFormatError(f"{where}: the adapter holds no LoRA tensors (`*.lora_A.weight`). Nothing to merge.")
+        raise AdapterFormatError(
+            f"{where}: the adapter holds no LoRA tensors (`*.lora_A.weight`). Nothing to merge."
+        )
     for module in adapter.modules:
         a_shape, b_shape = adapter.factor_shapes(module)
         for key, shape, dtype in (
@@ -84,9 +88,13 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
             (lora_b_key(module), b_shape, adapter.tensor_dtype(lora_b_key(module))),
         ):
             if dtype is None or not dtype.is_floating_point:
-                raise AdapterFormatError(f"{where}: tensor `{key}` has dtype {dtype}; LoRA factors must be floating point.")
+                raise AdapterFormatError(
+                    f"{where}: tensor `{key}` has dtype {dtype}; LoRA factors must be floating point."
+                )
             if len(shape) < 2:
-                raise AdapterFormatError(f"{where}: tensor `{key}` has shape {list(shape)}; LoRA factors are matrices.")
+                raise AdapterFormatError(
+                    f"{where}: tensor `{key}` has shape {list(shape)}; LoRA factors are matrices."
+                )
         rank, _ = declared_rank_alpha(adapter.config, module)
         if a_shape[0] != rank or b_shape[1] != rank:
             raise RankMismatchError(
@@ -133,7 +141,9 @@ def check_compatible(adapters: Sequence[AdapterLayout], check_base_model: bool =
     """
     ref = adapters[0]
     for other in adapters[1:]:
-        if check_base_model and (ref.config.base_model_name_or_path or None) != (other.config.base_model_name_or_path or None):
+        if check_base_model and (ref.config.base_model_name_or_path or None) != (
+            other.config.base_model_name_or_path or None
+        ):
             raise IncompatibleAdaptersError(
                 f"{other.label}, file '{ADAPTER_CONFIG_NAME}': field `base_model_name_or_path` is "
                 f"{other.config.base_model_name_or_path!r} but {ref.label} has {ref.config.base_model_name_or_path!r}. "

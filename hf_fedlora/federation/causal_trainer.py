@@ -36,8 +36,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in (None, "auto"):
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"`dtype` must be one of {['auto', *names]}, got {dtype!r}.")
     return names[dtype]
@@ -92,7 +98,9 @@ class CausalLMTrainer(LocalTrainer):
         config = AutoConfig.from_pretrained(
             model_name_or_path, trust_remote_code=trust_remote_code, **dict(config_overrides or {})
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code
+        )
         base = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, config=config, dtype=self.dtype, trust_remote_code=trust_remote_code
         )
@@ -102,7 +110,9 @@ class CausalLMTrainer(LocalTrainer):
             base.config.pad_token_id = self.tokenizer.pad_token_id
         base.config.use_cache = False  # training and teacher-forced evaluation need no KV cache
         self._base = base.to(device=self.device, dtype=self.dtype).eval()
-        logger.info(f"loaded '{model_name_or_path}' on {self.device} in {self.dtype} (LoRA weights in float32)")
+        logger.info(
+            f"loaded '{model_name_or_path}' on {self.device} in {self.dtype} (LoRA weights in float32)"
+        )
         self.model: Any = None  # the PeftModel, created with the first adapter slot
 
     def lora_config(self, rank: int) -> Any:
@@ -118,7 +128,9 @@ class CausalLMTrainer(LocalTrainer):
             task_type="CAUSAL_LM",
         )
 
-    def _batch(self, split: InstructSplit, indices: Sequence[int], max_length: int) -> dict[str, torch.Tensor]:
+    def _batch(
+        self, split: InstructSplit, indices: Sequence[int], max_length: int
+    ) -> dict[str, torch.Tensor]:
         """Tokenised rows (labels ``-100`` on prompts and padding) on this trainer's device."""
         encoded = encode_rows(self.tokenizer, split, list(indices), max_length)
         return {k: v.to(self.device, non_blocking=True) for k, v in encoded.items()}
@@ -139,7 +151,11 @@ class CausalLMTrainer(LocalTrainer):
 
     @torch.no_grad()
     def evaluate(
-        self, adapter: LoraAdapter | None, split: InstructSplit, batch_size: int = 8, max_seq_length: int = 256
+        self,
+        adapter: LoraAdapter | None,
+        split: InstructSplit,
+        batch_size: int = 8,
+        max_seq_length: int = 256,
     ) -> dict[str, float]:
         """Loss per response token over ``split`` (each token weighs the same), its perplexity, and ``score``.
 
@@ -168,14 +184,21 @@ class CausalLMTrainer(LocalTrainer):
     ) -> str:
         """The greedy answer to one instruction (prompted like the training data), special tokens removed."""
         prompt = build_prompt(self.tokenizer, instruction, input)
-        encoded = self.tokenizer(prompt, add_special_tokens=not has_chat_template(self.tokenizer), return_tensors="pt")
+        encoded = self.tokenizer(
+            prompt, add_special_tokens=not has_chat_template(self.tokenizer), return_tensors="pt"
+        )
         encoded = {k: v.to(self.device) for k, v in encoded.items()}
         with self._model_with(adapter) as model:
             output = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(
+            output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("a causal LM has no class predictions; use `evaluate` or `generate`.")

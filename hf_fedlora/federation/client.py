@@ -110,7 +110,9 @@ class LocalTrainer:
         self.is_regression = is_regression
         extra: dict[str, Any] = dict(config_overrides or {})
         if label_names and not is_regression:
-            extra.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+            extra.update(
+                id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)}
+            )
         config = AutoConfig.from_pretrained(
             self.model_name_or_path,
             num_labels=num_labels,
@@ -118,12 +120,16 @@ class LocalTrainer:
             trust_remote_code=trust_remote_code,
             **extra,
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.model_name_or_path, trust_remote_code=trust_remote_code
+        )
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the new head's "newly initialised" report is expected
         try:
             base = AutoModelForSequenceClassification.from_pretrained(
-                self.model_name_or_path, config=config, trust_remote_code=trust_remote_code,
+                self.model_name_or_path,
+                config=config,
+                trust_remote_code=trust_remote_code,
                 ignore_mismatched_sizes=True,  # a checkpoint's head for another label count is replaced anyway
             )
         finally:
@@ -176,7 +182,9 @@ class LocalTrainer:
                 state[key] = torch.zeros_like(tensor)
             else:
                 state[key] = torch.randn(tensor.shape, generator=generator) * 0.02
-        state = {k: v.to(template.state_dict()[k].dtype) for k, v in state.items()}  # on the CPU, like every adapter
+        state = {
+            k: v.to(template.state_dict()[k].dtype) for k, v in state.items()
+        }  # on the CPU, like every adapter
         return LoraAdapter.from_state_dict(template.config, state, label=f"initial adapter (rank {rank})")
 
     def load(self, view: LoraAdapter, rank: int | None = None) -> str:
@@ -198,7 +206,9 @@ class LocalTrainer:
             )
         return name
 
-    def client_view(self, adapter: LoraAdapter, rank: int, method: str = "truncate", seed: int = 0) -> LoraAdapter:
+    def client_view(
+        self, adapter: LoraAdapter, rank: int, method: str = "truncate", seed: int = 0
+    ) -> LoraAdapter:
         """``adapter`` as a client of ``rank`` with this trainer's alpha sees it (unchanged if it already is)."""
         cfg = adapter.config
         same = (
@@ -210,12 +220,16 @@ class LocalTrainer:
         )
         if same:
             return adapter
-        return adapter.to_rank(rank, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora, method=method, seed=seed)
+        return adapter.to_rank(
+            rank, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora, method=method, seed=seed
+        )
 
     def _batch(self, split: TextSplit, indices: Sequence[int], max_length: int) -> dict[str, torch.Tensor]:
         texts = [split.texts[i] for i in indices]
         pairs = [split.text_pairs[i] for i in indices] if split.text_pairs is not None else None
-        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        encoded = self.tokenizer(
+            texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         dtype = torch.float32 if self.is_regression else torch.long
         encoded["labels"] = torch.as_tensor(split.labels[list(indices)], dtype=dtype)
         return {k: v.to(self.device, non_blocking=True) for k, v in encoded.items()}
@@ -261,13 +275,18 @@ class LocalTrainer:
         adapter = LoraAdapter.from_peft_model(model, name, label=f"client adapter (rank {rank})")
         adapter.num_examples = n
         result = LocalResult(
-            loss=float(np.mean(losses)), last_loss=losses[-1], num_steps=steps, num_examples=n,
+            loss=float(np.mean(losses)),
+            last_loss=losses[-1],
+            num_steps=steps,
+            num_examples=n,
             train_seconds=time.perf_counter() - start,
         )
         return adapter, result
 
     @torch.no_grad()
-    def predict(self, adapter: LoraAdapter, split: TextSplit, batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    def predict(
+        self, adapter: LoraAdapter, split: TextSplit, batch_size: int = 64, max_length: int = 128
+    ) -> np.ndarray:
         """Predictions (class ids, or scores for regression) of the base model with ``adapter``."""
         self.load(adapter)
         self.model.eval()
@@ -284,7 +303,9 @@ class LocalTrainer:
     ) -> dict[str, float]:
         """``metric.compute`` on ``split`` plus ``score``, the task's primary metric."""
         predictions = self.predict(adapter, split, batch_size, max_length)
-        values = {k: float(v) for k, v in metric.compute(predictions=predictions, references=split.labels).items()}
+        values = {
+            k: float(v) for k, v in metric.compute(predictions=predictions, references=split.labels).items()
+        }
         values["score"] = values[PRIMARY_METRIC.get(metric.config_name, "accuracy")]
         return values
 
@@ -363,7 +384,9 @@ def train_client(
     )
     if adapter_view is not None:
         adapter_view = trainer.client_view(adapter_view, rank, method=send_back, seed=seed)
-    adapter, result = trainer.train(adapter_view, rank, shard, training_args, seed, max_seq_length=max_seq_length)
+    adapter, result = trainer.train(
+        adapter_view, rank, shard, training_args, seed, max_seq_length=max_seq_length
+    )
     return adapter, result.as_dict()
 
 

@@ -42,7 +42,9 @@ class ModelArguments:
         "Comma-separated `key=value` overrides of the model config, e.g. `num_hidden_layers=2` (tests).",
         default=None,
     )
-    trust_remote_code: bool = _help("Allow custom modelling code from the model repo (off by default).", default=False)
+    trust_remote_code: bool = _help(
+        "Allow custom modelling code from the model repo (off by default).", default=False
+    )
 
     def config_overrides(self) -> dict[str, Any]:
         """``model_config_overrides`` as a dict with ints/floats/bools parsed."""
@@ -72,15 +74,21 @@ class DataArguments:
         "the AG News folder. Default: download `nyu-mll/glue` (or `fancyzhx/ag_news`) from the Hub.",
         default=None,
     )
-    train_file: str | None = _help("`custom` task: training file (.tsv, .csv, .json or .jsonl).", default=None)
+    train_file: str | None = _help(
+        "`custom` task: training file (.tsv, .csv, .json or .jsonl).", default=None
+    )
     validation_file: str | None = _help("`custom` task: evaluation file, same format.", default=None)
     text_columns: str = _help("`custom` task: one or two comma-separated text column names.", default="text")
     label_column: str = _help("`custom` task: the label column name.", default="label")
     column_names: str | None = _help(
         "`custom` task: comma-separated column names for files without a header row.", default=None
     )
-    max_train_samples: int | None = _help("Use a seeded random subset of this many training examples.", default=None)
-    max_eval_samples: int | None = _help("Evaluate the global model on the first this many examples.", default=None)
+    max_train_samples: int | None = _help(
+        "Use a seeded random subset of this many training examples.", default=None
+    )
+    max_eval_samples: int | None = _help(
+        "Evaluate the global model on the first this many examples.", default=None
+    )
     max_seq_length: int = _help("Truncate tokenized inputs to this many tokens.", default=128)
 
     def __post_init__(self) -> None:
@@ -94,11 +102,15 @@ class DataArguments:
 class ClientArguments:
     """How each client trains locally (LoRA and optimiser)."""
 
-    local_epochs: float = _help("Passes over the client's shard per round (ignored when `local_steps` > 0).", default=1.0)
+    local_epochs: float = _help(
+        "Passes over the client's shard per round (ignored when `local_steps` > 0).", default=1.0
+    )
     local_steps: int = _help("Optimiser steps per client per round; 0 means use `local_epochs`.", default=0)
     per_device_train_batch_size: int = _help("Training batch size of a client.", default=16)
     per_device_eval_batch_size: int = _help("Batch size for evaluation.", default=64)
-    learning_rate: float = _help("AdamW learning rate of the LoRA factors and the classifier head.", default=5e-4)
+    learning_rate: float = _help(
+        "AdamW learning rate of the LoRA factors and the classifier head.", default=5e-4
+    )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     lora_alpha: float = _help("LoRA alpha of every client (PEFT scale alpha / r).", default=16.0)
@@ -132,9 +144,12 @@ class FederationArguments:
     clients_per_round: int = _help("Clients sampled (without replacement) each round.", default=4)
     rounds: int = _help("Number of federated rounds.", default=5)
     partition: str = _help(f"How training data is split: one of {list(PARTITIONS)}.", default="iid")
-    dirichlet_alpha: float = _help("Dirichlet concentration for `dirichlet` and `high_quality` splits.", default=0.5)
+    dirichlet_alpha: float = _help(
+        "Dirichlet concentration for `dirichlet` and `high_quality` splits.", default=0.5
+    )
     high_quality_fraction: float = _help(
-        "`high_quality` split: fraction of clients given class-balanced data (the rest: Dirichlet).", default=0.1
+        "`high_quality` split: fraction of clients given class-balanced data (the rest: Dirichlet).",
+        default=0.1,
     )
     ranks: str = _help(
         "Client ranks: a fixed list cycled over clients ('4,8,16') or a distribution ('5:0.9,20:0.1').",
@@ -150,7 +165,9 @@ class FederationArguments:
     high_rank: int = _help("`quality_upgrade`: rank of upgraded clients.", default=20)
     upgrade_fraction: float = _help("`quality_upgrade`: share of scored clients upgraded.", default=0.1)
     upgrade_after_round: int = _help("`quality_upgrade`: round after which ranks are upgraded.", default=1)
-    quality_eval_samples: int = _help("`quality_upgrade`: validation examples used to score a client.", default=256)
+    quality_eval_samples: int = _help(
+        "`quality_upgrade`: validation examples used to score a client.", default=256
+    )
     quality_scoring: str = _help(
         "`quality_upgrade`: which clients are scored in the scoring rounds: `sampled` (only those trained for "
         "the round) or `all` (every client trains once from the current global adapter to be scored, as in the "
@@ -159,7 +176,8 @@ class FederationArguments:
     )
     strategy: str = _help("Aggregation strategy (`hf_fedlora.list_strategies()`).", default="replication")
     send_back: str | None = _help(
-        "How clients get their rank view: `truncate` or `svd`; default: the strategy's own choice.", default=None
+        "How clients get their rank view: `truncate` or `svd`; default: the strategy's own choice.",
+        default=None,
     )
     seed: int = _help("Seed of the split, sampling, ranks and every client's training.", default=42)
     on_bad_client: str = _help(
@@ -167,20 +185,31 @@ class FederationArguments:
         "norm bound): `skip` it and aggregate the rest (recorded in metrics.jsonl), or `fail` the run.",
         default="skip",
     )
-    max_update_norm: float | None = _help("Reject client updates whose norm ||dW||_F exceeds this.", default=None)
+    max_update_norm: float | None = _help(
+        "Reject client updates whose norm ||dW||_F exceeds this.", default=None
+    )
     max_norm_ratio: float | None = _help(
-        "Reject client updates whose norm exceeds this multiple of the round's median update norm.", default=None
+        "Reject client updates whose norm exceeds this multiple of the round's median update norm.",
+        default=None,
     )
     clip_update_norm: float | None = _help("Scale client updates down to at most this norm.", default=None)
     keep_client_adapters: bool = _help(
         "Keep every client's trained adapter under `clients/round-NNNN/` (for diagnostics; costs disk).",
         default=False,
     )
-    output_dir: str = _help("Folder for rounds, metrics, state, plot and model card.", default="outputs/fed_glue")
-    overwrite_output_dir: bool = _help("Delete an existing output folder instead of refusing to start.", default=False)
+    output_dir: str = _help(
+        "Folder for rounds, metrics, state, plot and model card.", default="outputs/fed_glue"
+    )
+    overwrite_output_dir: bool = _help(
+        "Delete an existing output folder instead of refusing to start.", default=False
+    )
     resume: bool = _help("Continue from the last complete round in `output_dir`.", default=False)
-    report_to: list[str] = _help("Accelerate trackers, e.g. `tensorboard` (empty: none).", default_factory=list)
-    push_to_hub: bool = _help("Push every round's global adapter to the Hub (tag `round-NNNN`).", default=False)
+    report_to: list[str] = _help(
+        "Accelerate trackers, e.g. `tensorboard` (empty: none).", default_factory=list
+    )
+    push_to_hub: bool = _help(
+        "Push every round's global adapter to the Hub (tag `round-NNNN`).", default=False
+    )
     hub_model_id: str | None = _help(
         "Hub repo for `push_to_hub` (default with `push_to_hub`: the output folder's name).", default=None
     )
@@ -200,7 +229,9 @@ class FederationArguments:
             raise ValueError(f"`partition` must be one of {list(PARTITIONS)}, got {self.partition!r}.")
         parse_rank_spec(self.ranks)
         if self.quality_upgrade and not (1 <= self.low_rank <= self.high_rank):
-            raise ValueError(f"`low_rank` must be >= 1 and <= `high_rank`, got {self.low_rank} / {self.high_rank}.")
+            raise ValueError(
+                f"`low_rank` must be >= 1 and <= `high_rank`, got {self.low_rank} / {self.high_rank}."
+            )
         if self.send_back is not None:
             check_send_back(self.send_back)
         if self.quality_scoring not in ("sampled", "all"):
@@ -226,8 +257,17 @@ class FederationArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ClientArguments, FederationArguments)
 
 RESUMABLE_OPTIONS = frozenset(
-    ("rounds", "output_dir", "resume", "overwrite_output_dir", "report_to", "push_to_hub", "hub_model_id",
-     "hub_private", "hub_token")
+    (
+        "rounds",
+        "output_dir",
+        "resume",
+        "overwrite_output_dir",
+        "report_to",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private",
+        "hub_token",
+    )
 )
 """Options a ``--resume`` may change: they do not change the result of the rounds already run."""
 
@@ -246,7 +286,9 @@ def option_defaults(*groups: Any) -> dict[str, Any]:
     """Each option's default value, as :func:`resume_fingerprint` writes values (a run saved before
     an option existed resumes as if it had the default)."""
     defaults = {
-        f.name: _default(f) for group in groups for f in fields(group)
+        f.name: _default(f)
+        for group in groups
+        for f in fields(group)
         if f.default is not MISSING or f.default_factory is not MISSING
     }
     return json.loads(json.dumps(defaults, default=str))
@@ -261,7 +303,11 @@ def reproduce_command(*groups: Any) -> str:
             if f.name in ("hub_token", "resume", "overwrite_output_dir") or value == _default(f):
                 continue
             shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
-            parts.append(f"--{f.name} {shown}" if " " not in shown or isinstance(value, list) else f"--{f.name} '{shown}'")
+            parts.append(
+                f"--{f.name} {shown}"
+                if " " not in shown or isinstance(value, list)
+                else f"--{f.name} '{shown}'"
+            )
     return " \\\n    ".join(parts)
 
 
@@ -288,7 +334,9 @@ class FedArgumentParser(HfArgumentParser):
         self._known = {f.name for cls in dataclass_types for f in fields(cls)}
         self._num_groups = len(dataclass_types)
         self.add_argument(
-            "--config", default=None, help="YAML file of option values (defaults that command-line flags override)."
+            "--config",
+            default=None,
+            help="YAML file of option values (defaults that command-line flags override).",
         )
 
     def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple[Any, ...]:

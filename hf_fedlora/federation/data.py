@@ -47,27 +47,82 @@ _NLI = ("entailment", "not_entailment")
 TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", "SST-2", ("sentence",), "label", _GLUE, "sst2", ("sentence",)),
     "cola": TaskSpec(
-        "cola", "CoLA", ("sentence",), "label", _GLUE, "cola", ("sentence",),
+        "cola",
+        "CoLA",
+        ("sentence",),
+        "label",
+        _GLUE,
+        "cola",
+        ("sentence",),
         file_columns=("source", "label", "original_label", "sentence"),
     ),
-    "mrpc": TaskSpec("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", _GLUE, "mrpc", ("sentence1", "sentence2")),
-    "rte": TaskSpec("rte", "RTE", ("sentence1", "sentence2"), "label", _GLUE, "rte", ("sentence1", "sentence2"), label_names=_NLI),
-    "wnli": TaskSpec("wnli", "WNLI", ("sentence1", "sentence2"), "label", _GLUE, "wnli", ("sentence1", "sentence2")),
-    "qnli": TaskSpec("qnli", "QNLI", ("question", "sentence"), "label", _GLUE, "qnli", ("question", "sentence"), label_names=_NLI),
-    "qqp": TaskSpec("qqp", "QQP", ("question1", "question2"), "is_duplicate", _GLUE, "qqp", ("question1", "question2")),
+    "mrpc": TaskSpec(
+        "mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", _GLUE, "mrpc", ("sentence1", "sentence2")
+    ),
+    "rte": TaskSpec(
+        "rte",
+        "RTE",
+        ("sentence1", "sentence2"),
+        "label",
+        _GLUE,
+        "rte",
+        ("sentence1", "sentence2"),
+        label_names=_NLI,
+    ),
+    "wnli": TaskSpec(
+        "wnli", "WNLI", ("sentence1", "sentence2"), "label", _GLUE, "wnli", ("sentence1", "sentence2")
+    ),
+    "qnli": TaskSpec(
+        "qnli",
+        "QNLI",
+        ("question", "sentence"),
+        "label",
+        _GLUE,
+        "qnli",
+        ("question", "sentence"),
+        label_names=_NLI,
+    ),
+    "qqp": TaskSpec(
+        "qqp", "QQP", ("question1", "question2"), "is_duplicate", _GLUE, "qqp", ("question1", "question2")
+    ),
     "stsb": TaskSpec(
-        "stsb", "STS-B", ("sentence1", "sentence2"), "score", _GLUE, "stsb", ("sentence1", "sentence2"),
-        num_labels=1, is_regression=True,
+        "stsb",
+        "STS-B",
+        ("sentence1", "sentence2"),
+        "score",
+        _GLUE,
+        "stsb",
+        ("sentence1", "sentence2"),
+        num_labels=1,
+        is_regression=True,
     ),
     "mnli": TaskSpec(
-        "mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", _GLUE, "mnli", ("premise", "hypothesis"),
-        eval_file="dev_matched.tsv", hub_eval_split="validation_matched",
-        label_names=("entailment", "neutral", "contradiction"), num_labels=3,
+        "mnli",
+        "MNLI",
+        ("sentence1", "sentence2"),
+        "gold_label",
+        _GLUE,
+        "mnli",
+        ("premise", "hypothesis"),
+        eval_file="dev_matched.tsv",
+        hub_eval_split="validation_matched",
+        label_names=("entailment", "neutral", "contradiction"),
+        num_labels=3,
     ),
     "ag_news": TaskSpec(
-        "ag_news", "", ("text",), "label", "fancyzhx/ag_news", None, ("text",), eval_file="test.tsv",
-        hub_eval_split="test", label_names=("World", "Sports", "Business", "Sci/Tech"), num_labels=4,
-        file_columns=("text", "label"), metric="multiclass",
+        "ag_news",
+        "",
+        ("text",),
+        "label",
+        "fancyzhx/ag_news",
+        None,
+        ("text",),
+        eval_file="test.tsv",
+        hub_eval_split="test",
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        num_labels=4,
+        file_columns=("text", "label"),
+        metric="multiclass",
     ),
 }
 
@@ -130,12 +185,16 @@ def _labels(values: Sequence[Any], spec: TaskSpec, where: str) -> np.ndarray:
     if spec.label_names is not None:
         ids = {name: i for i, name in enumerate(spec.label_names)}
         try:
-            return np.asarray([ids[str(v).strip()] if str(v).strip() in ids else int(v) for v in values], dtype=np.int64)
+            return np.asarray(
+                [ids[str(v).strip()] if str(v).strip() in ids else int(v) for v in values], dtype=np.int64
+            )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{where}: label {exc} is not one of {list(spec.label_names)}.") from exc
     labels = np.asarray([int(float(v)) for v in values], dtype=np.int64)
     if labels.min() < 0 or labels.max() >= spec.num_labels:
-        raise ValueError(f"{where}: labels must be in [0, {spec.num_labels}), found {labels.min()}..{labels.max()}.")
+        raise ValueError(
+            f"{where}: labels must be in [0, {spec.num_labels}), found {labels.min()}..{labels.max()}."
+        )
     return labels
 
 
@@ -155,7 +214,9 @@ def _custom_spec(data_args: Any) -> TaskSpec:
     if not 1 <= len(text) <= 2:
         raise ValueError(f"`text_columns` must name one or two columns, got {data_args.text_columns!r}.")
     columns = tuple(c.strip() for c in data_args.column_names.split(",")) if data_args.column_names else None
-    return TaskSpec("custom", "", text, data_args.label_column, "", None, text, file_columns=columns, metric="multiclass")
+    return TaskSpec(
+        "custom", "", text, data_args.label_column, "", None, text, file_columns=columns, metric="multiclass"
+    )
 
 
 def _infer_labels(spec: TaskSpec, train_values: Sequence[Any]) -> TaskSpec:
@@ -176,7 +237,9 @@ def _load_files(spec: TaskSpec, train_path: Path, eval_path: Path) -> tuple[Text
     eval_frame = _read_table(eval_path, header, spec.file_columns)
     if spec.name == "custom":
         if spec.file_label not in train_frame.columns:
-            raise ValueError(f"'{train_path}': no label column {spec.file_label!r}; it has {list(train_frame.columns)}.")
+            raise ValueError(
+                f"'{train_path}': no label column {spec.file_label!r}; it has {list(train_frame.columns)}."
+            )
         spec = _infer_labels(spec, list(train_frame[spec.file_label]))
     train = _split_from_frame(train_frame, spec, spec.file_text, spec.file_label, f"'{train_path}'")
     evaluation = _split_from_frame(eval_frame, spec, spec.file_text, spec.file_label, f"'{eval_path}'")
@@ -208,7 +271,9 @@ def load_task(data_args: Any, seed: int = 0) -> TaskData:
     task = data_args.task.lower().replace("-", "")
     if task == "custom":
         spec = _custom_spec(data_args)
-        train, evaluation, spec = _load_files(spec, Path(data_args.train_file), Path(data_args.validation_file))
+        train, evaluation, spec = _load_files(
+            spec, Path(data_args.train_file), Path(data_args.validation_file)
+        )
     elif task in TASKS:
         spec = TASKS[task]
         if data_args.data_dir:

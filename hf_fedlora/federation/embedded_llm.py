@@ -138,4 +138,10 @@ def embedded_causal_lm_path(cache_dir: str | os.PathLike | None = None) -> str:
     return str(target)
 
 
-__all__ = ["GGUF_FILE", "INSTALL_COMMAND", "default_cache_dir", "embedded_causal_lm_path", "embedded_gguf_file"]
+__all__ = [
+    "GGUF_FILE",
+    "INSTALL_COMMAND",
+    "default_cache_dir",
+    "embedded_causal_lm_path",
+    "embedded_gguf_file",
+]

@@ -104,7 +104,9 @@ def load_instruct_file(path: str | Path) -> InstructSplit:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"instruction file '{path}' does not exist; check `train_file` / `validation_file`.")
+        raise FileNotFoundError(
+            f"instruction file '{path}' does not exist; check `train_file` / `validation_file`."
+        )
     fields: dict[str, list[str]] = {"instruction": [], "input": [], "output": []}
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -114,7 +116,9 @@ def load_instruct_file(path: str | Path) -> InstructSplit:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg}); expected one JSON object per line.") from exc
+                raise ValueError(
+                    f"{where}: not valid JSON ({exc.msg}); expected one JSON object per line."
+                ) from exc
             if not isinstance(row, dict):
                 raise ValueError(
                     f"{where}: expected a JSON object with `instruction`, `input`, `output`, got {type(row).__name__}."
@@ -234,7 +238,9 @@ class InstructCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_rows(tokenizer: Any, split: InstructSplit, indices: Sequence[int], max_seq_length: int) -> dict[str, Any]:
+def encode_rows(
+    tokenizer: Any, split: InstructSplit, indices: Sequence[int], max_seq_length: int
+) -> dict[str, Any]:
     """A padded batch of the rows at ``indices`` (tokenised and collated)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     features = [
@@ -276,7 +282,9 @@ class TaskTypePartitioner(Partitioner):
         while True:
             rare = [g for g in types if g not in common]
             buckets = [np.flatnonzero(groups == g) for g in common]
-            pool = np.concatenate([rng.permutation(np.flatnonzero(groups == g)) for g in rare]) if rare else None
+            pool = (
+                np.concatenate([rng.permutation(np.flatnonzero(groups == g)) for g in rare]) if rare else None
+            )
             bucket_sizes = [len(b) for b in buckets] + ([len(pool)] if pool is not None else [])
             seats = _sainte_lague(bucket_sizes, self.num_partitions)
             if all(seats[: len(common)]):
@@ -307,7 +315,12 @@ INSTRUCT_PARTITIONS = ("iid", "dirichlet", "task_type")
 
 
 def make_instruct_partitioner(
-    name: str, num_partitions: int, *, seed: int = 0, dirichlet_alpha: float = 0.5, min_type_share: float = 0.5
+    name: str,
+    num_partitions: int,
+    *,
+    seed: int = 0,
+    dirichlet_alpha: float = 0.5,
+    min_type_share: float = 0.5,
 ) -> Partitioner:
     """``task_type`` (:class:`TaskTypePartitioner`), or ``iid`` / ``dirichlet`` (on task types) from
     :func:`make_partitioner`.
@@ -319,7 +332,9 @@ def make_instruct_partitioner(
         return TaskTypePartitioner(num_partitions, seed=seed, min_type_share=min_type_share)
     if name in ("iid", "dirichlet"):
         return make_partitioner(name, num_partitions, seed=seed, dirichlet_alpha=dirichlet_alpha)
-    raise ValueError(f"`partition` must be one of {list(INSTRUCT_PARTITIONS)} for instruction data, got {name!r}.")
+    raise ValueError(
+        f"`partition` must be one of {list(INSTRUCT_PARTITIONS)} for instruction data, got {name!r}."
+    )
 
 
 __all__ = [

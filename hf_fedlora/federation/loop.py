@@ -65,7 +65,9 @@ def sample_clients(seed: int, round_index: int, num_clients: int, clients_per_ro
     return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))
 
 
-def _train_my_clients(run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path) -> None:
+def _train_my_clients(
+    run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path
+) -> None:
     """Train this process's share of the round's clients; each adapter goes to ``exchange``."""
     from tqdm.auto import tqdm
 
@@ -75,16 +77,27 @@ def _train_my_clients(run: FederationRun, rnd: int, previous: LoraAdapter, state
     mine = (list(range(fed.num_clients)) if probe_all else sampled)[acc.process_index :: acc.num_processes]
     scoring = run.task.validation.select(range(min(fed.quality_eval_samples, len(run.task.validation))))
     steps = sum(run.client_args.num_local_steps(len(run.shards[c])) for c in mine)
-    with tqdm(total=steps, desc=f"round {rnd} local training", leave=False, disable=not acc.is_main_process) as bar:
+    with tqdm(
+        total=steps, desc=f"round {rnd} local training", leave=False, disable=not acc.is_main_process
+    ) as bar:
         for cid in mine:
             seed, rank = client_seed(fed.seed, rnd, cid), state.ranks[cid]
             view = run.trainer.client_view(previous, rank, method=run.send_back, seed=seed)
             adapter, result = run.trainer.train(
-                view, rank, run.shards[cid], run.client_args, seed, max_seq_length=run.data_args.max_seq_length,
+                view,
+                rank,
+                run.shards[cid],
+                run.client_args,
+                seed,
+                max_seq_length=run.data_args.max_seq_length,
                 progress=bar,
             )
             info = ClientRecord(
-                client=cid, rank=rank, **result.as_dict(), bytes_down=view.num_bytes(), bytes_up=adapter.num_bytes()
+                client=cid,
+                rank=rank,
+                **result.as_dict(),
+                bytes_down=view.num_bytes(),
+                bytes_up=adapter.num_bytes(),
             )
             if run.scoring_round(rnd):
                 info.quality_score = run.evaluate(adapter, scoring)["score"]
@@ -99,12 +112,16 @@ def _train_my_clients(run: FederationRun, rnd: int, previous: LoraAdapter, state
 # -- the server's steps (main process) ------------------------------------------------------------
 
 
-def _screen(run: FederationRun, exchange: Path, sampled: list[int]) -> tuple[list[LoraAdapter], list[DroppedClient]]:
+def _screen(
+    run: FederationRun, exchange: Path, sampled: list[int]
+) -> tuple[list[LoraAdapter], list[DroppedClient]]:
     """The round's usable client adapters, and who was dropped and why (``--on_bad_client``)."""
     fed = run.fed_args
     accepted, verdicts = screen_clients(
-        [exchange / f"client-{c:04d}" for c in sampled], max_update_norm=fed.max_update_norm,
-        max_norm_ratio=fed.max_norm_ratio, clip_update_norm=fed.clip_update_norm,
+        [exchange / f"client-{c:04d}" for c in sampled],
+        max_update_norm=fed.max_update_norm,
+        max_norm_ratio=fed.max_norm_ratio,
+        clip_update_norm=fed.clip_update_norm,
     )
     dropped = [DroppedClient(sampled[v.index], v.reason) for v in verdicts if not v.accepted]
     clipped = [sampled[v.index] for v in verdicts if v.clipped]
@@ -129,7 +146,9 @@ def _aggregate(run: FederationRun, clients: list[LoraAdapter], previous: LoraAda
     return aggregate_adapters(clients, strategy=run.strategy, target_rank=target_rank, previous=previous)
 
 
-def _update_ranks(run: FederationRun, rnd: int, state: RunState, infos: list[ClientRecord], exchange: Path) -> None:
+def _update_ranks(
+    run: FederationRun, rnd: int, state: RunState, infos: list[ClientRecord], exchange: Path
+) -> None:
     """``quality_upgrade``: collect the round's scores; after ``upgrade_after_round``, upgrade the best clients."""
     fed = run.fed_args
     if not run.scoring_round(rnd):
@@ -140,10 +159,14 @@ def _update_ranks(run: FederationRun, rnd: int, state: RunState, infos: list[Cli
         state.scores[str(entry["client"])] = entry["quality_score"]
     if rnd == fed.upgrade_after_round:
         scores = {int(k): v for k, v in state.scores.items()}
-        state.ranks = quality_upgrade(state.ranks, scores, high_rank=fed.high_rank, fraction=fed.upgrade_fraction)
+        state.ranks = quality_upgrade(
+            state.ranks, scores, high_rank=fed.high_rank, fraction=fed.upgrade_fraction
+        )
 
 
-def _write_round(run: FederationRun, record: RoundRecord, state: RunState, exchange: Path, round_start: float) -> None:
+def _write_round(
+    run: FederationRun, record: RoundRecord, state: RunState, exchange: Path, round_start: float
+) -> None:
     """Push (if asked), append the JSONL line, save ``state.json``: the round is complete. Then
     keep or delete the clients' adapters and log to the trackers."""
     out = run.out
@@ -166,14 +189,18 @@ def _write_round(run: FederationRun, record: RoundRecord, state: RunState, excha
     )
 
 
-def _server_round(run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path, seconds: dict) -> RoundRecord:
+def _server_round(
+    run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path, seconds: dict
+) -> RoundRecord:
     """Main process: screen, aggregate (and save ``round-NNNN/``), evaluate, update ranks, write."""
     round_start = seconds.pop("_start")
     start = time.perf_counter()
     sampled = sample_clients(run.fed_args.seed, rnd, run.fed_args.num_clients, run.fed_args.clients_per_round)
     clients, dropped = _screen(run, exchange, sampled)
     merged = _aggregate(run, clients, previous)
-    merged.provenance.update(round=rnd, sampled_clients=sampled, dropped_clients=[d.to_dict() for d in dropped])
+    merged.provenance.update(
+        round=rnd, sampled_clients=sampled, dropped_clients=[d.to_dict() for d in dropped]
+    )
     run.writer.save_adapter(rnd, merged)
     seconds["aggregate"] = round(time.perf_counter() - start, 3)
 
@@ -185,9 +212,17 @@ def _server_round(run: FederationRun, rnd: int, previous: LoraAdapter, state: Ru
     state.cumulative_bytes += traffic
     _update_ranks(run, rnd, state, infos, exchange)
     record = RoundRecord(
-        round=rnd, clients=infos, dropped=dropped, eval=evaluation, eval_metric=run.metric_name,
-        global_rank=merged.max_rank, bytes_round=traffic, cumulative_bytes=state.cumulative_bytes,
-        seconds=seconds, strategy=run.strategy.name, adapter=round_dir(run.out, rnd).name,
+        round=rnd,
+        clients=infos,
+        dropped=dropped,
+        eval=evaluation,
+        eval_metric=run.metric_name,
+        global_rank=merged.max_rank,
+        bytes_round=traffic,
+        cumulative_bytes=state.cumulative_bytes,
+        seconds=seconds,
+        strategy=run.strategy.name,
+        adapter=round_dir(run.out, rnd).name,
     )
     _write_round(run, record, state, exchange, round_start)
     return record
@@ -247,8 +282,11 @@ def run_federation(
     accelerator.wait_for_everyone()
 
     rounds_bar = tqdm(
-        range(state.completed_round + 1, fed_args.rounds + 1), desc="rounds", disable=not is_main,
-        initial=state.completed_round, total=fed_args.rounds,
+        range(state.completed_round + 1, fed_args.rounds + 1),
+        desc="rounds",
+        disable=not is_main,
+        initial=state.completed_round,
+        total=fed_args.rounds,
     )
     for rnd in rounds_bar:
         seconds = {"_start": time.perf_counter()}

@@ -147,7 +147,9 @@ class HighQualityPartitioner(Partitioner):
         classes = np.unique(groups)
         num_low = self.num_partitions - self.num_high_quality
         size = self.high_quality_size or len(labels) // self.num_partitions
-        size = max(1, min(size, (len(labels) - num_low) // self.num_high_quality))  # leave one per other client
+        size = max(
+            1, min(size, (len(labels) - num_low) // self.num_high_quality)
+        )  # leave one per other client
         pools = {c: list(rng.permutation(np.flatnonzero(groups == c))) for c in classes}
         high: list[np.ndarray] = []
         for _ in range(self.num_high_quality):
@@ -159,7 +161,9 @@ class HighQualityPartitioner(Partitioner):
             high.append(np.asarray(take))
         rest = np.sort(np.concatenate([np.asarray(p, dtype=np.int64) for p in pools.values()]))
         low_seed = int(rng.integers(2**31))
-        low = DirichletPartitioner(self.num_partitions - self.num_high_quality, self.alpha, seed=low_seed)(labels[rest])
+        low = DirichletPartitioner(self.num_partitions - self.num_high_quality, self.alpha, seed=low_seed)(
+            labels[rest]
+        )
         return high + [rest[p] for p in low]
 
 

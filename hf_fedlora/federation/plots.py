@@ -37,7 +37,9 @@ def summary_table(records: Sequence[RoundRecord]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
-def plot_history(records: Sequence[RoundRecord], path: str | os.PathLike, metric: str = "score") -> Path | None:
+def plot_history(
+    records: Sequence[RoundRecord], path: str | os.PathLike, metric: str = "score"
+) -> Path | None:
     """Save a PNG with the eval metric against round and against cumulative megabytes communicated.
 
     Returns:

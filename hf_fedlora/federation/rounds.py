@@ -215,7 +215,9 @@ def truncate_records(output_dir: str | os.PathLike, up_to_round: int) -> list[Ro
 
 def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Metric values as JSON values (non-finite floats become ``null``)."""
-    return {str(k): None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dict(metrics).items()}
+    return {
+        str(k): None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dict(metrics).items()
+    }
 
 
 class RoundWriter:
@@ -272,8 +274,13 @@ class RoundWriter:
         try:
             history = [r.history_row() for r in (*self.records, record)]
             commit = hub.push_round(
-                folder, self.hub_repo_id, record.round, token=self.token, private=self.private,
-                card_info=self.card_info or None, metrics_history=history,
+                folder,
+                self.hub_repo_id,
+                record.round,
+                token=self.token,
+                private=self.private,
+                card_info=self.card_info or None,
+                metrics_history=history,
             )
             return {"ok": True, "commit": commit, "skipped": commit is None}
         except Exception as exc:  # a network or auth failure must not lose the local round
@@ -282,7 +289,11 @@ class RoundWriter:
                 message = message.replace(self.token, "***")
             logger.error(
                 "pushing round %s to '%s' failed (%s); the round is saved in '%s' and training continues. "
-                "Push it later with `hf-fedlora push`.", record.round, self.hub_repo_id, message, folder,
+                "Push it later with `hf-fedlora push`.",
+                record.round,
+                self.hub_repo_id,
+                message,
+                folder,
             )
             return {"ok": False, "error": message}
 
@@ -293,13 +304,17 @@ class RoundWriter:
 
     def write(self, record: RoundRecord, adapter: LoraAdapter | None = None) -> Path:
         """Save ``adapter`` (if given) as the round's folder, push it (if a repo is set), append the line."""
-        folder = self.save_adapter(record.round, adapter) if adapter is not None else self.round_dir(record.round)
+        folder = (
+            self.save_adapter(record.round, adapter) if adapter is not None else self.round_dir(record.round)
+        )
         if self.hub_repo_id:
             record.hub_push = self.push(record)
         self.append(record)
         return folder
 
-    def __call__(self, server_round: int, adapter: LoraAdapter, metrics: Mapping[str, Any] | None = None) -> Path:
+    def __call__(
+        self, server_round: int, adapter: LoraAdapter, metrics: Mapping[str, Any] | None = None
+    ) -> Path:
         """Write a round from a Flower hook: ``{"round": server_round, **metrics}`` is its line."""
         return self.write(RoundRecord(server_round, metrics=_plain(metrics or {})), adapter)
 

@@ -65,7 +65,11 @@ class FederationRun:
 
     def evaluate(self, adapter: LoraAdapter, split: Any) -> dict[str, float]:
         return self.trainer.evaluate(
-            adapter, split, self.metric, self.client_args.per_device_eval_batch_size, self.data_args.max_seq_length
+            adapter,
+            split,
+            self.metric,
+            self.client_args.per_device_eval_batch_size,
+            self.data_args.max_seq_length,
         )
 
 
@@ -81,10 +85,18 @@ def _card_info(
     fed = fed_args
     return {
         "base_model": model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
-        "task": task.name, "strategy": strategy.name, "num_clients": fed.num_clients,
-        "clients_per_round": fed.clients_per_round, "rounds": fed.rounds, "partition": fed.partition,
-        "rank_distribution": f"quality upgrade {fed.low_rank}->{fed.high_rank}" if fed.quality_upgrade else fed.ranks,
-        "seed": fed.seed, "eval_metric": PRIMARY_METRIC.get(task.metric, "accuracy"), "num_labels": task.num_labels,
+        "task": task.name,
+        "strategy": strategy.name,
+        "num_clients": fed.num_clients,
+        "clients_per_round": fed.clients_per_round,
+        "rounds": fed.rounds,
+        "partition": fed.partition,
+        "rank_distribution": f"quality upgrade {fed.low_rank}->{fed.high_rank}"
+        if fed.quality_upgrade
+        else fed.ranks,
+        "seed": fed.seed,
+        "eval_metric": PRIMARY_METRIC.get(task.metric, "accuracy"),
+        "num_labels": task.num_labels,
         "dataset": data_args.data_dir or ("nyu-mll/glue" if task.name in GLUE_TASKS else task.name),
         "command": reproduce_command(model_args, data_args, client_args, fed_args),
     }
@@ -101,23 +113,41 @@ def setup_run(
     with accelerator.main_process_first():
         task = load_task(data_args, seed=fed_args.seed)
     parts = make_partitioner(
-        fed_args.partition, fed_args.num_clients, seed=fed_args.seed,
-        dirichlet_alpha=fed_args.dirichlet_alpha, high_quality_fraction=fed_args.high_quality_fraction,
+        fed_args.partition,
+        fed_args.num_clients,
+        seed=fed_args.seed,
+        dirichlet_alpha=fed_args.dirichlet_alpha,
+        high_quality_fraction=fed_args.high_quality_fraction,
     )(task.train.labels)
     trainer = LocalTrainer(
-        model_args.model_name_or_path, task.num_labels, target_modules=client_args.target_modules,
-        lora_alpha=client_args.lora_alpha, lora_dropout=client_args.lora_dropout, use_rslora=client_args.use_rslora,
-        is_regression=task.is_regression, config_overrides=model_args.config_overrides(),
-        trust_remote_code=model_args.trust_remote_code, label_names=task.label_names, device=accelerator.device,
+        model_args.model_name_or_path,
+        task.num_labels,
+        target_modules=client_args.target_modules,
+        lora_alpha=client_args.lora_alpha,
+        lora_dropout=client_args.lora_dropout,
+        use_rslora=client_args.use_rslora,
+        is_regression=task.is_regression,
+        config_overrides=model_args.config_overrides(),
+        trust_remote_code=model_args.trust_remote_code,
+        label_names=task.label_names,
+        device=accelerator.device,
     )
     strategy = get_strategy(fed_args.strategy)
     writer = RoundWriter(
-        fed_args.output_dir, hub_repo_id=fed_args.hub_model_id if fed_args.push_to_hub else None,
-        token=fed_args.hub_token, private=fed_args.hub_private,
+        fed_args.output_dir,
+        hub_repo_id=fed_args.hub_model_id if fed_args.push_to_hub else None,
+        token=fed_args.hub_token,
+        private=fed_args.hub_private,
         card_info=_card_info(model_args, data_args, client_args, fed_args, task, strategy),
     )
     return FederationRun(
-        model_args, data_args, client_args, fed_args, accelerator, Path(fed_args.output_dir), task,
+        model_args,
+        data_args,
+        client_args,
+        fed_args,
+        accelerator,
+        Path(fed_args.output_dir),
+        task,
         shards=[task.train.select(p) for p in parts],
         trainer=trainer,
         strategy=strategy,
@@ -135,7 +165,9 @@ def initial_state(run: FederationRun, saved: RunState | None) -> RunState:
         saved.check_resumable(fingerprint, run.out, defaults=option_defaults(*run.groups))
         return saved
     ranks = (
-        [fed.low_rank] * fed.num_clients if fed.quality_upgrade else allocate_ranks(fed.ranks, fed.num_clients, seed=fed.seed)
+        [fed.low_rank] * fed.num_clients
+        if fed.quality_upgrade
+        else allocate_ranks(fed.ranks, fed.num_clients, seed=fed.seed)
     )
     state = RunState(ranks=ranks, fingerprint=fingerprint)
     if run.accelerator.is_main_process:
@@ -145,7 +177,6 @@ def initial_state(run: FederationRun, saved: RunState | None) -> RunState:
         run.writer.resume(0)
         state.save(run.out)
     return state
-
 
 
 __all__ = ["FederationRun", "initial_state", "setup_run"]

@@ -45,7 +45,9 @@ class RunState:
 
     def save(self, output_dir: str | os.PathLike) -> None:
         """Write ``state.json`` atomically (temp file + ``os.replace``)."""
-        atomic_write_text(Path(output_dir) / STATE_NAME, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(
+            Path(output_dir) / STATE_NAME, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        )
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> RunState | None:
@@ -56,7 +58,10 @@ class RunState:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
     def check_resumable(
-        self, fingerprint: dict[str, Any], output_dir: str | os.PathLike, defaults: dict[str, Any] | None = None
+        self,
+        fingerprint: dict[str, Any],
+        output_dir: str | os.PathLike,
+        defaults: dict[str, Any] | None = None,
     ) -> None:
         """Refuse to resume with options that would change the result.
 
@@ -68,13 +73,18 @@ class RunState:
             ValueError: listing each option whose value differs from the saved run's.
         """
         missing = object()
-        saved = {**{k: v for k, v in (defaults or {}).items() if k not in self.fingerprint}, **self.fingerprint}
+        saved = {
+            **{k: v for k, v in (defaults or {}).items() if k not in self.fingerprint},
+            **self.fingerprint,
+        }
         changed = {
             k: (saved.get(k, missing), v) for k, v in fingerprint.items() if saved.get(k, missing) != v
         }
         changed = {k: ("(absent)" if old is missing else old, new) for k, (old, new) in changed.items()}
         if changed:
-            detail = ", ".join(f"`{k}`: saved {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
+            detail = ", ".join(
+                f"`{k}`: saved {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items())
+            )
             raise ValueError(
                 f"cannot resume the run in '{output_dir}' with different options ({detail}); use the saved options "
                 "or a new `output_dir`."
@@ -89,7 +99,10 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     """
     removed = []
     for path in Path(output_dir).glob(".*"):
-        if any(path.name.startswith(f".{name}.") for name in (STATE_NAME, METRICS_NAME)) or ".tmp-" in path.name:
+        if (
+            any(path.name.startswith(f".{name}.") for name in (STATE_NAME, METRICS_NAME))
+            or ".tmp-" in path.name
+        ):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path.name)
     return removed

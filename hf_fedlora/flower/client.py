@@ -43,7 +43,12 @@ def client_view(
     uniform = len(set(adapter.ranks.values())) == 1
     if lora_alpha is None:
         lora_alpha = float(config[ALPHA_KEY]) if rank == config[RANK_KEY] else 2.0 * rank
-    same = uniform and rank == config[RANK_KEY] and lora_alpha == config[ALPHA_KEY] and use_rslora == config[RSLORA_KEY]
+    same = (
+        uniform
+        and rank == config[RANK_KEY]
+        and lora_alpha == config[ALPHA_KEY]
+        and use_rslora == config[RSLORA_KEY]
+    )
     if same:
         return adapter
     method = str(config.get(SEND_BACK_KEY, "truncate"))
@@ -73,7 +78,9 @@ def train_reply(
     """
     arrays, config = adapter_to_records(adapter, num_examples=num_examples)
     metric_record = MetricRecord({**dict(metrics or {}), weighted_by_key: int(num_examples)})
-    content = RecordDict({arrayrecord_key: arrays, configrecord_key: ConfigRecord(dict(config)), "metrics": metric_record})
+    content = RecordDict(
+        {arrayrecord_key: arrays, configrecord_key: ConfigRecord(dict(config)), "metrics": metric_record}
+    )
     return Message(content=content, reply_to=message)
 
 

@@ -78,7 +78,9 @@ def array_to_tensor(array: Array) -> torch.Tensor:
     return torch.from_numpy(np.array(array.numpy(), copy=True))
 
 
-def adapter_to_records(adapter: LoraAdapter, num_examples: int | None = None) -> tuple[ArrayRecord, ConfigRecord]:
+def adapter_to_records(
+    adapter: LoraAdapter, num_examples: int | None = None
+) -> tuple[ArrayRecord, ConfigRecord]:
     """Encode an adapter for a Flower ``Message``.
 
     Args:
@@ -116,12 +118,18 @@ def _required(config: ConfigRecord, key: str, types: tuple[type, ...], where: st
         )
     value = config[key]
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise AdapterFormatError(f"{where}: field `{key}` must be {'/'.join(t.__name__ for t in types)}, got {value!r}.")
+        raise AdapterFormatError(
+            f"{where}: field `{key}` must be {'/'.join(t.__name__ for t in types)}, got {value!r}."
+        )
     return value
 
 
 def adapter_from_records(
-    arrays: ArrayRecord, config: ConfigRecord, *, label: str = "Flower message", check_finite_values: bool = True
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    *,
+    label: str = "Flower message",
+    check_finite_values: bool = True,
 ) -> LoraAdapter:
     """Decode an adapter sent with :func:`adapter_to_records`.
 
@@ -148,7 +156,9 @@ def adapter_from_records(
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{label}: field `{CONFIG_JSON_KEY}` is not valid JSON ({exc}).") from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{label}: field `{CONFIG_JSON_KEY}` must be a JSON object, got {type(data).__name__}.")
+        raise AdapterFormatError(
+            f"{label}: field `{CONFIG_JSON_KEY}` must be a JSON object, got {type(data).__name__}."
+        )
     data.update(r=rank, lora_alpha=alpha, use_rslora=use_rslora)
     lora_config = lora_config_from_dict(data, label)
 
@@ -170,11 +180,15 @@ def adapter_from_records(
     adapter = LoraAdapter.from_state_dict(lora_config, state, label=label)
     if set(adapter.modules) != set(modules):
         extra = sorted(set(adapter.modules) - set(modules))
-        raise AdapterFormatError(f"{label}: the ArrayRecord holds LoRA modules not listed in `{MODULES_KEY}`: {extra[:3]}.")
+        raise AdapterFormatError(
+            f"{label}: the ArrayRecord holds LoRA modules not listed in `{MODULES_KEY}`: {extra[:3]}."
+        )
     if NUM_EXAMPLES_KEY in config:
         count = config[NUM_EXAMPLES_KEY]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise AdapterFormatError(f"{label}: field `{NUM_EXAMPLES_KEY}` must be a non-negative int, got {count!r}.")
+            raise AdapterFormatError(
+                f"{label}: field `{NUM_EXAMPLES_KEY}` must be a non-negative int, got {count!r}."
+            )
         adapter.num_examples = count
     return adapter
 

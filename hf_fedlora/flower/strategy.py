@@ -150,15 +150,19 @@ class HeteroLoraStrategy(FedAvg):
             return []
         global_adapter = self._current_global(arrays, config)
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, available = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        node_ids, available = sample_nodes(
+            grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes)
+        )
         log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(node_ids), len(available))
         views: dict[int | None, tuple[ArrayRecord, ConfigRecord]] = {}
         messages = []
         for node_id in node_ids:
             rank = self._rank_for(node_id, server_round)
             if rank not in views:
-                view = global_adapter if rank is None else global_adapter.to_rank(
-                    rank, self.alpha_ratio * rank, method=self.send_back
+                view = (
+                    global_adapter
+                    if rank is None
+                    else global_adapter.to_rank(rank, self.alpha_ratio * rank, method=self.send_back)
                 )
                 views[rank] = adapter_to_records(view)
             view_arrays, view_config = views[rank]
@@ -182,7 +186,9 @@ class HeteroLoraStrategy(FedAvg):
                     f"{len(content.array_records)} ArrayRecord(s) and {len(content.config_records)} ConfigRecord(s)."
                 )
             arrays = next(iter(content.array_records.values()))
-            config = content.config_records.get(self.configrecord_key) or next(iter(content.config_records.values()))
+            config = content.config_records.get(self.configrecord_key) or next(
+                iter(content.config_records.values())
+            )
             adapter = adapter_from_records(arrays, config, label=label)
             check_compatible([previous, adapter], check_base_model=False)
         except AdapterError as exc:
@@ -213,7 +219,11 @@ class HeteroLoraStrategy(FedAvg):
             if adapter is not None:
                 accepted.append((msg.metadata.src_node_id, adapter, msg.content))
         if not accepted:
-            log(WARNING, "aggregate_train: no valid reply in round %s. Keeping the previous global adapter.", server_round)
+            log(
+                WARNING,
+                "aggregate_train: no valid reply in round %s. Keeping the previous global adapter.",
+                server_round,
+            )
             return None, None
         record.node_ids = [node for node, _, _ in accepted]
         record.replies = [adapter for _, adapter, _ in accepted]
@@ -229,7 +239,11 @@ class HeteroLoraStrategy(FedAvg):
         )
         record.global_adapter = self.global_adapter
         self._global_arrays, _ = adapter_to_records(self.global_adapter)
-        self.rounds.append(record if self.keep_replies else RoundReplies(server_round, record.node_ids, rejected=record.rejected))
+        self.rounds.append(
+            record
+            if self.keep_replies
+            else RoundReplies(server_round, record.node_ids, rejected=record.rejected)
+        )
         metrics = self._train_metrics([content for _, _, content in accepted], len(record.rejected))
         if counts is not None:
             metrics[self.weighted_by_key] = int(sum(counts))

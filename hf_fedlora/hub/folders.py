@@ -39,7 +39,9 @@ def _read_json(path: Path, label: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{label}, file '{path.name}': cannot be read as JSON ({exc}).") from exc
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{label}, file '{path.name}': must be a JSON object, got {type(data).__name__}.")
+        raise AdapterFormatError(
+            f"{label}, file '{path.name}': must be a JSON object, got {type(data).__name__}."
+        )
     return data
 
 
@@ -59,12 +61,16 @@ def read_adapter_folder(folder: Path, label: str) -> tuple[LoraConfig, dict[str,
     if not folder.is_dir():
         raise AdapterNotFoundError(f"{label}: no such folder; pass the PEFT adapter folder to push.")
     if not (folder / ADAPTER_CONFIG_NAME).is_file():
-        raise AdapterNotFoundError(f"{label}: adapter config '{ADAPTER_CONFIG_NAME}' is missing from '{folder}'.")
+        raise AdapterNotFoundError(
+            f"{label}: adapter config '{ADAPTER_CONFIG_NAME}' is missing from '{folder}'."
+        )
     data = _read_json(folder / ADAPTER_CONFIG_NAME, label)
     try:
         config = LoraConfig.from_peft_type(**data)
     except (TypeError, ValueError, KeyError) as exc:
-        raise AdapterFormatError(f"{label}, file '{ADAPTER_CONFIG_NAME}': not a valid LoraConfig ({exc}).") from exc
+        raise AdapterFormatError(
+            f"{label}, file '{ADAPTER_CONFIG_NAME}': not a valid LoraConfig ({exc})."
+        ) from exc
     if not isinstance(config, LoraConfig):
         raise UnsupportedAdapterError(
             f"{label}, file '{ADAPTER_CONFIG_NAME}': field `peft_type` is {data.get('peft_type')!r}; "
@@ -82,7 +88,9 @@ def read_adapter_folder(folder: Path, label: str) -> tuple[LoraConfig, dict[str,
         with safe_open(str(weights), framework="pt", device="cpu"):
             pass
     except Exception as exc:  # safetensors raises its own error type for every kind of corruption
-        raise AdapterFormatError(f"{label}, file '{weights.name}': not a valid safetensors file ({exc}).") from exc
+        raise AdapterFormatError(
+            f"{label}, file '{weights.name}': not a valid safetensors file ({exc})."
+        ) from exc
     provenance = _read_json(folder / PROVENANCE_NAME, label) if (folder / PROVENANCE_NAME).is_file() else {}
     return config, provenance
 

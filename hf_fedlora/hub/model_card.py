@@ -64,14 +64,18 @@ def _metadata(base_model: str | None, strategy: str | None, dataset: str | None,
     """The YAML front matter, built with ``huggingface_hub.ModelCardData`` (keys in a fixed order)."""
     data = ModelCardData(
         library_name="peft",
-        base_model=base_model if link and is_repo_id(base_model) else None,  # the Hub rejects local paths here
+        base_model=base_model
+        if link and is_repo_id(base_model)
+        else None,  # the Hub rejects local paths here
         tags=[*TAGS, *([strategy] if strategy else [])],
         datasets=[dataset] if link and is_repo_id(dataset) else None,
     )
     return "---\n" + data.to_yaml(original_order=["library_name", "base_model", "tags", "datasets"]) + "\n---"
 
 
-def _rows(info: Mapping[str, Any], config: Any, base_model: Any, strategy: Any, num_clients: Any, ranks: Any) -> list[tuple[str, str]]:
+def _rows(
+    info: Mapping[str, Any], config: Any, base_model: Any, strategy: Any, num_clients: Any, ranks: Any
+) -> list[tuple[str, str]]:
     """The "Federation" table: one ``(fact, value)`` per fact known."""
     rows = [("base model", f"`{base_model}`" if base_model else "not recorded")]
     if info.get("task") or info.get("dataset"):
@@ -80,27 +84,41 @@ def _rows(info: Mapping[str, Any], config: Any, base_model: Any, strategy: Any, 
         rows.append(("aggregation strategy", f"`{strategy}`"))
     if num_clients:
         per_round = info.get("clients_per_round")
-        rows.append(("clients", f"{num_clients}" + (f" ({per_round} sampled per round)" if per_round else "")))
+        rows.append(
+            ("clients", f"{num_clients}" + (f" ({per_round} sampled per round)" if per_round else ""))
+        )
     if ranks:
         rows.append(("client LoRA ranks", _format_ranks(ranks)))
-    for key, fact in (("rounds", "rounds"), ("partition", "data partition"), ("seed", "seed"), ("eval_metric", "eval metric")):
+    for key, fact in (
+        ("rounds", "rounds"),
+        ("partition", "data partition"),
+        ("seed", "seed"),
+        ("eval_metric", "eval metric"),
+    ):
         if info.get(key) is not None:
             rows.append((fact, _cell(info[key])))
     if config is not None:
         targets = config.target_modules
         targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
-        rows.append(("global adapter", f"r={config.r}, lora_alpha={config.lora_alpha}, target modules: {targets}"))
+        rows.append(
+            ("global adapter", f"r={config.r}, lora_alpha={config.lora_alpha}, target modules: {targets}")
+        )
     return rows
 
 
-def _loading(repo_id: str | None, tag: str | None, auto_class: str, base_model: Any, num_labels: Any) -> list[str]:
+def _loading(
+    repo_id: str | None, tag: str | None, auto_class: str, base_model: Any, num_labels: Any
+) -> list[str]:
     """The "Load a round" section: with PEFT alone, then with hf-fedlora."""
     base_arg = f'"{base_model}"' if base_model else '"<base model>"'
     if num_labels is not None:
         base_arg += f", num_labels={num_labels}"
     if repo_id is not None:
         revision = f', revision="{tag}"' if tag else ""
-        where, listing = f'"{repo_id}"{revision}', ["from hf_fedlora.hub import list_rounds", "", f'rounds = list_rounds("{repo_id}")']
+        where, listing = (
+            f'"{repo_id}"{revision}',
+            ["from hf_fedlora.hub import list_rounds", "", f'rounds = list_rounds("{repo_id}")'],
+        )
     else:  # a run's output folder: the rounds are its sub-folders
         where, listing = f'"{tag or "<adapter folder>"}"', [""]
     return [
@@ -114,7 +132,9 @@ def _loading(repo_id: str | None, tag: str | None, auto_class: str, base_model: 
         f"model = PeftModel.from_pretrained(base, {where})",
         "```",
         "",
-        "With hf-fedlora (" + ("list the rounds, " if repo_id is not None else "") + "read an adapter, or send a client its rank-r view):",
+        "With hf-fedlora ("
+        + ("list the rounds, " if repo_id is not None else "")
+        + "read an adapter, or send a client its rank-r view):",
         "",
         "```python",
         "from hf_fedlora import LoraAdapter",
@@ -171,7 +191,9 @@ def build_model_card(
     if repo_id is not None:
         title = repo_id.split("/")[-1]
     else:
-        title = f"Federated LoRA on {info.get('task') or 'a task'}" + (f" ({strategy} aggregation)" if strategy else "")
+        title = f"Federated LoRA on {info.get('task') or 'a task'}" + (
+            f" ({strategy} aggregation)" if strategy else ""
+        )
 
     tag = ROUND_TAG_FORMAT.format(round_index) if round_index is not None else None
     parts = [
@@ -194,7 +216,10 @@ def build_model_card(
             ),
         ]
     elif tag:
-        parts += ["", f"Every round's global adapter is a PEFT folder `round-NNNN` here; the last is `{tag}`."]
+        parts += [
+            "",
+            f"Every round's global adapter is a PEFT folder `round-NNNN` here; the last is `{tag}`.",
+        ]
     parts += ["", "## Federation", "", "| | |", "|---|---|"]
     parts += [f"| {k} | {v} |" for k, v in _rows(info, config, base_model, strategy, num_clients, ranks)]
     if metrics_history:

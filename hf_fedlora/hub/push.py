@@ -222,7 +222,11 @@ def push_adapter_folder(
     card_args: dict[str, Any] = {"config": config, "provenance": provenance}
     card = model_card if model_card is not None else build_model_card(repo_id, **card_args)
     files[MODEL_CARD_NAME] = card.encode("utf-8")
-    plain = None if model_card is not None else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
+    plain = (
+        None
+        if model_card is not None
+        else build_model_card(repo_id, link_hub_repos=False, **card_args).encode()
+    )
     message = commit_message or ("Upload LoRA adapter" + (f" ({revision_tag})" if revision_tag else ""))
     sha = _push_files(
         repo_id,

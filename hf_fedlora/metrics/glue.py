@@ -61,13 +61,17 @@ class Glue(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         if self.config_name not in CONFIG_NAMES:
-            raise KeyError(f"unknown GLUE metric config {self.config_name!r}; choose one of {list(CONFIG_NAMES)}.")
+            raise KeyError(
+                f"unknown GLUE metric config {self.config_name!r}; choose one of {list(CONFIG_NAMES)}."
+            )
         dtype = "float32" if self.config_name == "stsb" else "int64"
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}),
+            features=datasets.Features(
+                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
+            ),
             format="numpy",
         )
 

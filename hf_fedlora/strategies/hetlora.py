@@ -24,7 +24,9 @@ class HetLoraStrategy(Strategy):
     """
 
     name = "hetlora"
-    paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models (EMNLP 2024)"
+    paper = (
+        "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models (EMNLP 2024)"
+    )
     propagates_non_finite = True
 
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:

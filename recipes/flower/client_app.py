@@ -34,7 +34,11 @@ def train_step(msg: Message, context: Context) -> Message:
     model = lora_model(config, lora_config(config, rank, alpha))
     set_peft_model_state_dict(model, view.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(model_path(config))
-    data = load_split(config, "train", partition, num_partitions, limit=int(config["train-examples-per-client"]))
+    data = load_split(
+        config, "train", partition, num_partitions, limit=int(config["train-examples-per-client"])
+    )
     loss = train(model, tokenizer, data, config)
     adapter = LoraAdapter.from_peft_model(model)
-    return train_reply(msg, adapter, num_examples=len(data), metrics={"train-loss": loss, "rank": float(rank)})
+    return train_reply(
+        msg, adapter, num_examples=len(data), metrics={"train-loss": loss, "rank": float(rank)}
+    )

@@ -17,18 +17,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("RAY_USAGE_STATS_ENABLED", "0")):
+for _name, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("RAY_USAGE_STATS_ENABLED", "0"),
+):
     os.environ.setdefault(_name, _value)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-supernodes", type=int, default=4)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="CPUs Ray may use in all")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--run-config", default="{}", help="JSON object overriding [tool.flwr.app.config]")
     args = parser.parse_args()
-    os.environ["FEDLORA_FLOWER_RUN_CONFIG"] = json.dumps(json.loads(args.run_config))  # read by task.run_config
+    os.environ["FEDLORA_FLOWER_RUN_CONFIG"] = json.dumps(
+        json.loads(args.run_config)
+    )  # read by task.run_config
 
     from client_app import app as client_app
     from flwr.simulation import run_simulation

@@ -63,7 +63,9 @@ def data_dir(config: Mapping[str, Any]) -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "data" / "glue" / "SST-2"
 
 
-def load_split(config: Mapping[str, Any], split: str, shard: int = 0, num_shards: int = 1, limit: int | None = None):
+def load_split(
+    config: Mapping[str, Any], split: str, shard: int = 0, num_shards: int = 1, limit: int | None = None
+):
     """SST-2 rows (``sentence``, ``label``) from the TSV; shard ``shard`` of ``num_shards`` (IID, strided)."""
     import datasets
 
@@ -100,7 +102,9 @@ def lora_config(config: Mapping[str, Any], rank: int, lora_alpha: float):
 def _batches(tokenizer, data, batch_size: int, max_length: int):
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
-        enc = tokenizer(rows["sentence"], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            rows["sentence"], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         yield enc, torch.tensor(rows["label"])
 
 
@@ -111,7 +115,9 @@ def train(model, tokenizer, data, config: Mapping[str, Any]) -> float:
     model.train()
     losses: list[float] = []
     while len(losses) < int(config["local-steps"]):
-        for enc, labels in _batches(tokenizer, data.shuffle(seed=len(losses)), int(config["batch-size"]), int(config["max-length"])):
+        for enc, labels in _batches(
+            tokenizer, data.shuffle(seed=len(losses)), int(config["batch-size"]), int(config["max-length"])
+        ):
             loss = model(**enc, labels=labels).loss
             loss.backward()
             optimizer.step()

@@ -267,9 +267,7 @@ class Handler(BaseHTTPRequestHandler):
         parent = header.get("parentCommit")
         if parent and parent != head:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
-        sha = self.hub.new_commit(
-            repo, head, files, header.get("summary", ""), header.get("description", "")
-        )
+        sha = self.hub.new_commit(repo, head, files, header.get("summary", ""), header.get("description", ""))
         repo.branches[branch] = sha
         prefix = f"{self.hub.url}/{repo.repo_id}"
         return 200, {"commitUrl": f"{prefix}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}, None
@@ -375,4 +373,3 @@ def _check_repo_path(path: str) -> str:
     if path.startswith("/") or ".." in path.split("/"):
         raise HubError(400, f"invalid path {path!r}")
     return path
-
