@@ -144,7 +144,10 @@ class AnonPeakSampler:
 
 
 def repeat_timed(
-    fn: Callable[[], Any], repeats: int, max_seconds: float | None = None, cleanup: Callable[[], Any] | None = None
+    fn: Callable[[], Any],
+    repeats: int,
+    max_seconds: float | None = None,
+    cleanup: Callable[[], Any] | None = None,
 ) -> list[float]:
     """Wall times (``perf_counter``) of ``repeats`` calls of ``fn``; stops early, after at least one
     call, once the total passes ``max_seconds``. ``cleanup`` runs after each call, untimed (e.g. a
@@ -166,7 +169,9 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
     return {"times": [round(t, 6) for t in times], "median": statistics.median(times), "min": min(times)}
 
 
-def run_child(argv: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def run_child(
+    argv: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``python *argv`` in a fresh interpreter that writes one JSON object to the file named by
     the ``BENCH_RESULT`` environment variable; return that object.
 
@@ -180,7 +185,9 @@ def run_child(argv: Sequence[str], timeout: float | None = None, env: Mapping[st
             [sys.executable, *argv], env=child_env, capture_output=True, text=True, timeout=timeout
         )
         if proc.returncode != 0 or not result.is_file():
-            raise RuntimeError(f"child {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(
+                f"child {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
         return json.loads(result.read_text())
 
 

@@ -89,8 +89,13 @@ def write_client(folder: Path, preset: Preset, rank: int, seed: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM",
-               base_model_name_or_path="synthetic/llama-7b-shapes").save_pretrained(str(tmp))
+    LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(PROJECTIONS),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="synthetic/llama-7b-shapes",
+    ).save_pretrained(str(tmp))
     os.replace(tmp, folder)
 
 
@@ -104,7 +109,9 @@ def ensure_inputs(preset: Preset, dirs: list[str]) -> None:
     for folder in map(Path, dirs):
         if not (folder / "adapter_model.safetensors").is_file():
             k, kind = int(folder.name.split("_")[1]), folder.parent.name
-            write_client(folder, preset, client_rank(preset, kind, k), seed=k + (10_000 if kind == "equal" else 0))
+            write_client(
+                folder, preset, client_rank(preset, kind, k), seed=k + (10_000 if kind == "equal" else 0)
+            )
 
 
 def _tensor_bytes(dirs: list[str]) -> int:
@@ -141,7 +148,10 @@ def case_io_floor(spec: dict) -> dict:
         "read_f32": lambda: read(lambda t: t.float()),
         "sha256": lambda: [a.sha256() for a in adapters],
     }
-    out = {name: summarize(repeat_timed(fn, spec["repeats"], spec["max_seconds"])) for name, fn in variants.items()}
+    out = {
+        name: summarize(repeat_timed(fn, spec["repeats"], spec["max_seconds"]))
+        for name, fn in variants.items()
+    }
     out["file_bytes"] = sum(os.path.getsize(f) for f in files)
     out["tensor_bytes"] = _tensor_bytes(spec["dirs"])
     return out
@@ -170,7 +180,9 @@ def case_strategy(spec: dict) -> dict:
     def run() -> None:
         held.append(aggregate_adapters(dirs, strategy=name))
 
-    def run_unhashed() -> None:  # the same call: aggregate_adapters opens the folders with from_pretrained too
+    def run_unhashed() -> (
+        None
+    ):  # the same call: aggregate_adapters opens the folders with from_pretrained too
         held.append(aggregate_adapters([UnhashedAdapter.from_pretrained(d) for d in dirs], strategy=name))
 
     def release() -> None:  # untimed: measure the output, free it
@@ -187,8 +199,12 @@ def case_strategy(spec: dict) -> dict:
             io0 = io_counters()
             first = repeat_timed(run, 1, cleanup=release)
             io1 = io_counters()
-            times = first + repeat_timed(run, spec["repeats"] - 1, spec["max_seconds"] - first[0], cleanup=release) \
-                if spec["repeats"] > 1 and first[0] < spec["max_seconds"] else first
+            times = (
+                first
+                + repeat_timed(run, spec["repeats"] - 1, spec["max_seconds"] - first[0], cleanup=release)
+                if spec["repeats"] > 1 and first[0] < spec["max_seconds"]
+                else first
+            )
             no_hash = repeat_timed(run_unhashed, spec["repeats"], spec["max_seconds"], cleanup=release)
     except hf_fedlora.AdapterError as exc:
         return {"status": "n/a", "reason": str(exc)}
@@ -239,7 +255,9 @@ def case_peft(spec: dict) -> dict:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    sample = [(layer, proj) for layer in range(spec["layers"]) for proj in sorted(PROJECTIONS)][: spec["sample"]]
+    sample = [(layer, proj) for layer in range(spec["layers"]) for proj in sorted(PROJECTIONS)][
+        : spec["sample"]
+    ]
     model = _tiny_model(spec["hidden"], sample)
     dirs = spec["dirs"]
     start = time.perf_counter()

@@ -42,14 +42,21 @@ def run_case(spec: dict, isolation: str) -> dict:
     """One case, in this process or in a fresh interpreter (``isolation``)."""
     if isolation == "inprocess":
         return aggregation_cases.run_case(spec)
-    return run_child([aggregation_cases.__file__, json.dumps(spec)],
-                     env={"PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    return run_child(
+        [aggregation_cases.__file__, json.dumps(spec)],
+        env={"PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
 
 
 def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> list[dict]:
     """Every case of a preset, in the order they run."""
-    common = {"repeats": preset.repeats, "max_seconds": preset.max_seconds, "hidden": preset.hidden,
-              "layers": preset.layers, "num_modules": preset.num_modules}
+    common = {
+        "repeats": preset.repeats,
+        "max_seconds": preset.max_seconds,
+        "hidden": preset.hidden,
+        "layers": preset.layers,
+        "num_modules": preset.num_modules,
+    }
     cases = []
     for n in preset.clients:
         mixed = input_dirs(root, preset, "mixed", n)
@@ -58,15 +65,37 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
         if equal:
             cases.append({**common, "kind": "io_floor", "set": "equal", "n": n, "dirs": equal})
         for name in strategies:
-            cases.append({**common, "kind": "strategy", "strategy": name, "set": "mixed", "n": n, "dirs": mixed})
+            cases.append(
+                {**common, "kind": "strategy", "strategy": name, "set": "mixed", "n": n, "dirs": mixed}
+            )
             if name == "fedavg":
-                cases.append({**common, "kind": "strategy", "strategy": name, "set": "equal", "n": n, "dirs": equal})
-        cases.append({**common, "kind": "dense_svd", "set": "mixed", "n": n, "dirs": mixed,
-                      "svd_repeats": 1 if preset.hidden >= 2048 else preset.repeats})
+                cases.append(
+                    {**common, "kind": "strategy", "strategy": name, "set": "equal", "n": n, "dirs": equal}
+                )
+        cases.append(
+            {
+                **common,
+                "kind": "dense_svd",
+                "set": "mixed",
+                "n": n,
+                "dirs": mixed,
+                "svd_repeats": 1 if preset.hidden >= 2048 else preset.repeats,
+            }
+        )
         if with_peft:
             for combination, sample in preset.peft_modules.items():
-                cases.append({**common, "kind": "peft", "combination": combination, "sample": sample,
-                              "set": "mixed", "n": n, "dirs": mixed, "repeats": 1 if combination == "svd" else preset.repeats})
+                cases.append(
+                    {
+                        **common,
+                        "kind": "peft",
+                        "combination": combination,
+                        "sample": sample,
+                        "set": "mixed",
+                        "n": n,
+                        "dirs": mixed,
+                        "repeats": 1 if combination == "svd" else preset.repeats,
+                    }
+                )
     return cases
 
 
@@ -76,20 +105,31 @@ def case_key(spec: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=preset_names("aggregation"), default="quick",
-                        help="configs/aggregation_<preset>.yaml")
+    parser.add_argument(
+        "--preset",
+        choices=preset_names("aggregation"),
+        default="quick",
+        help="configs/aggregation_<preset>.yaml",
+    )
     parser.add_argument("--clients", type=int, nargs="+", help="override the preset's client counts")
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--repeats", type=int, help="override the preset's repeats")
     parser.add_argument("--strategies", nargs="+", help="default: hf_fedlora.list_strategies()")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's add_weighted_adapter")
     parser.add_argument("--isolation", choices=["subprocess", "inprocess"])
-    parser.add_argument("--data-dir", type=Path, help="where inputs are generated and cached (default: roomiest temp dir)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="where inputs are generated and cached (default: roomiest temp dir)"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the generated inputs (and partial results)")
-    parser.add_argument("--resume", action="store_true", help="reuse case results saved by an interrupted run")
-    parser.add_argument("--report-only", action="store_true",
-                        help="only re-render aggregation.md from aggregation.json (with the current notes)")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse case results saved by an interrupted run"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-render aggregation.md from aggregation.json (with the current notes)",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         report = json.loads((args.out / "aggregation.json").read_text())
@@ -101,8 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     import hf_fedlora
 
     preset = load_preset(Preset, "aggregation", args.preset)
-    overrides = {k: v for k, v in (("clients", tuple(args.clients) if args.clients else None), ("layers", args.layers),
-                                   ("repeats", args.repeats), ("isolation", args.isolation)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("clients", tuple(args.clients) if args.clients else None),
+            ("layers", args.layers),
+            ("repeats", args.repeats),
+            ("isolation", args.isolation),
+        )
+        if v is not None
+    }
     preset = dataclasses.replace(preset, **overrides)
     strategies = args.strategies or hf_fedlora.list_strategies()
     root = (args.data_dir or roomiest_temp_dir()) / "hf_fedlora_bench_aggregation"
@@ -128,12 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
     run = write_report(args.out, preset, done, strategies, command, started, len(cases))
     if not args.keep:
         shutil.rmtree(root / preset.signature, ignore_errors=True)
-    print(f"[bench] wrote {args.out / 'aggregation.json'} and aggregation.md in {time.time() - started:.0f} s", flush=True)
+    print(
+        f"[bench] wrote {args.out / 'aggregation.json'} and aggregation.md in {time.time() - started:.0f} s",
+        flush=True,
+    )
     return run
 
 
-def write_report(out: Path, preset: Preset, done: dict, strategies: list[str], command: str, started: float,
-                 num_cases: int) -> dict:
+def write_report(
+    out: Path, preset: Preset, done: dict, strategies: list[str], command: str, started: float, num_cases: int
+) -> dict:
     """Summarise the cases measured so far into ``aggregation.json`` (this preset's section), the
     markdown page and the plots."""
     run = {

@@ -71,8 +71,15 @@ def run_commands(workdir: Path, preset: Preset) -> list[str]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def write_report(preset: Preset, workdir: Path, out: Path, command: str, started: float, machine: dict,
-                 report_only: bool = False) -> dict:
+def write_report(
+    preset: Preset,
+    workdir: Path,
+    out: Path,
+    command: str,
+    started: float,
+    machine: dict,
+    report_only: bool = False,
+) -> dict:
     """Collect the preset's runs from ``workdir`` into ``convergence_<preset>.json``, its page and
     plots in ``out``. With ``report_only`` and no run in ``workdir``, the page is rendered again
     from the JSON already in ``out``."""
@@ -87,24 +94,49 @@ def write_report(preset: Preset, workdir: Path, out: Path, command: str, started
         report = json.loads(previous.read_text())
         report_convergence.write_pages(out, report)
         return report
-    described = {"name": preset.name, "strategies": list(preset.strategies), "seeds": list(preset.seeds),
-                 "rounds": preset.rounds, "targets": list(preset.targets), **preset.settings()}
+    described = {
+        "name": preset.name,
+        "strategies": list(preset.strategies),
+        "seeds": list(preset.seeds),
+        "rounds": preset.rounds,
+        "targets": list(preset.targets),
+        **preset.settings(),
+    }
     summary = report_convergence.summarize_all(described, runs)
     devices = sorted({c["device"] for r in runs.values() for c in r["chunks"] if c.get("device")})
     notes_path = workdir / preset.name / "notes.json"
     report = {
         "notes": json.loads(notes_path.read_text()) if notes_path.is_file() else [],
-        "benchmark": "convergence", "preset": described,
-        "machine": machine, "load_average_at_end": list(os.getloadavg()), "command": command,
+        "benchmark": "convergence",
+        "preset": described,
+        "machine": machine,
+        "load_average_at_end": list(os.getloadavg()),
+        "command": command,
         "run_commands": run_commands(workdir, preset),
         "invocation_seconds": round(time.perf_counter() - started, 1),
-        "compute_seconds_complete": round(sum(r["loop_seconds"] + (r["final_test_seconds"] or 0) + (r["diagnostic_seconds"] or 0)
-                                              for r in runs.values() if r["complete"]), 1),
-        "runs": runs, "summary": summary, "devices": devices,
+        "compute_seconds_complete": round(
+            sum(
+                r["loop_seconds"] + (r["final_test_seconds"] or 0) + (r["diagnostic_seconds"] or 0)
+                for r in runs.values()
+                if r["complete"]
+            ),
+            1,
+        ),
+        "runs": runs,
+        "summary": summary,
+        "devices": devices,
     }
-    if report_only and previous.is_file():  # the page describes the invocation that ran the runs, not this one
+    if (
+        report_only and previous.is_file()
+    ):  # the page describes the invocation that ran the runs, not this one
         kept = json.loads(previous.read_text())
-        report.update({k: kept[k] for k in ("machine", "load_average_at_end", "command", "invocation_seconds") if k in kept})
+        report.update(
+            {
+                k: kept[k]
+                for k in ("machine", "load_average_at_end", "command", "invocation_seconds")
+                if k in kept
+            }
+        )
     report["progress"] = report_convergence.progress(described, runs)
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = report_convergence.plot(described, summary, out)
@@ -117,7 +149,9 @@ def run_order(preset: Preset) -> list[tuple[int, str]]:
     paired runs finish together; then the other strategies seed by seed."""
     first = [st for st in ("replication", "zero_padding") if st in preset.strategies]
     rest = [st for st in preset.strategies if st not in first]
-    return [(sd, st) for sd in preset.seeds for st in first] + [(sd, st) for sd in preset.seeds for st in rest]
+    return [(sd, st) for sd in preset.seeds for st in first] + [
+        (sd, st) for sd in preset.seeds for st in rest
+    ]
 
 
 def _job(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, threads: int | None) -> str:
@@ -132,41 +166,79 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=preset_names("convergence"), default="quick",
-                        help="configs/convergence_<preset>.yaml")
-    parser.add_argument("--strategies", nargs="+", choices=ALL_STRATEGIES,
-                        help="run only these of the preset's strategies now (the results still cover the whole preset)")
+    parser.add_argument(
+        "--preset",
+        choices=preset_names("convergence"),
+        default="quick",
+        help="configs/convergence_<preset>.yaml",
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=ALL_STRATEGIES,
+        help="run only these of the preset's strategies now (the results still cover the whole preset)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the preset's seeds now")
     parser.add_argument("--rounds", type=int, help="override the preset's rounds")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "bench_convergence")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="AG News folder (train.tsv, test.tsv)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DATA_DIR, help="AG News folder (train.tsv, test.tsv)"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the preset's runs in --workdir: skip complete ones, resume partial ones")
-    parser.add_argument("--report-only", action="store_true",
-                        help="only rewrite the results from --workdir (where it holds none of the preset's runs: "
-                             "only the page, from the JSON in --out)")
-    parser.add_argument("--rank-mode", choices=["high_quality_clients", "quality_upgrade"],
-                        help="override the preset's rank assignment (rank_mode in its YAML)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (default 1: on a shared machine 2 threads on a busy core were "
-                             "5-10x slower; 0: every core, as the recipe does)")
-    parser.add_argument("--note", help="a line about this invocation to keep on the results page (e.g. what was interrupted)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the preset's runs in --workdir: skip complete ones, resume partial ones",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the results from --workdir (where it holds none of the preset's runs: "
+        "only the page, from the JSON in --out)",
+    )
+    parser.add_argument(
+        "--rank-mode",
+        choices=["high_quality_clients", "quality_upgrade"],
+        help="override the preset's rank assignment (rank_mode in its YAML)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (default 1: on a shared machine 2 threads on a busy core were "
+        "5-10x slower; 0: every core, as the recipe does)",
+    )
+    parser.add_argument(
+        "--note", help="a line about this invocation to keep on the results page (e.g. what was interrupted)"
+    )
     parser.add_argument("--max-minutes", type=float, help="start no new run after this many minutes")
-    parser.add_argument("--jobs", type=int, default=0,
-                        help="runs at a time, each in its own process with --threads threads (default 0: as many as "
-                             "the cores allow, e.g. 2 on 2 cores; on a GPU machine the runs share the GPU)")
-    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
-                        help="auto: the GPU when there is one (training, evaluation); cpu: never the GPU")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="runs at a time, each in its own process with --threads threads (default 0: as many as "
+        "the cores allow, e.g. 2 on 2 cores; on a GPU machine the runs share the GPU)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu"],
+        default="auto",
+        help="auto: the GPU when there is one (training, evaluation); cpu: never the GPU",
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     started = time.perf_counter()
     preset = load_presets()[args.preset]
-    preset = dataclasses.replace(preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                            (("rounds", args.rounds), ("rank_mode", args.rank_mode))
-                                            if v is not None})
+    preset = dataclasses.replace(
+        preset,
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in (("rounds", args.rounds), ("rank_mode", args.rank_mode))
+            if v is not None
+        },
+    )
     set_threads(args.threads)
     machine = {**machine_info(), "bench_threads": args.threads or None, "jobs": args.jobs}
     command = "python benchmarks/bench_convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -185,12 +257,21 @@ def main(argv: list[str] | None = None) -> dict:
             if args.note:
                 write_json(notes_path, [f"{time.strftime('%Y-%m-%d %H:%M')}: {args.note}"])
         commands_path = preset_dir / "commands.json"
-        write_json(commands_path, [*run_commands(args.workdir, preset), f"{time.strftime('%Y-%m-%d %H:%M')}: {command}"])
-        extra = sorted(set(args.strategies or []) - set(preset.strategies)) + sorted(set(args.seeds or []) - set(preset.seeds))
+        write_json(
+            commands_path,
+            [*run_commands(args.workdir, preset), f"{time.strftime('%Y-%m-%d %H:%M')}: {command}"],
+        )
+        extra = sorted(set(args.strategies or []) - set(preset.strategies)) + sorted(
+            set(args.seeds or []) - set(preset.seeds)
+        )
         if extra:
             raise SystemExit(f"{extra} are not in preset {preset.name!r}")
-        todo = [(seed, strategy) for seed, strategy in run_order(preset)
-                if not (args.strategies and strategy not in args.strategies) and not (args.seeds and seed not in args.seeds)]
+        todo = [
+            (seed, strategy)
+            for seed, strategy in run_order(preset)
+            if not (args.strategies and strategy not in args.strategies)
+            and not (args.seeds and seed not in args.seeds)
+        ]
         args.jobs = args.jobs or max(1, min(len(todo), (os.cpu_count() or 1) // max(1, args.threads or 1)))
         machine["jobs"] = args.jobs
         if args.jobs > 1:
@@ -201,22 +282,34 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             run_one(preset, strategy, seed, args.workdir, args.data_dir, log, threads=args.threads or None)
             write_report(preset, args.workdir, args.out, command, started, machine)
-    report = write_report(preset, args.workdir, args.out, command, started, machine, report_only=args.report_only)
+    report = write_report(
+        preset, args.workdir, args.out, command, started, machine, report_only=args.report_only
+    )
     log(f"wrote {args.out / f'convergence_{preset.name}.md'}")
     return report
 
 
-def _run_parallel(args: argparse.Namespace, preset: Preset, todo: list[tuple[int, str]], started: float,
-                  command: str, machine: dict, log: Any) -> None:
+def _run_parallel(
+    args: argparse.Namespace,
+    preset: Preset,
+    todo: list[tuple[int, str]],
+    started: float,
+    command: str,
+    machine: dict,
+    log: Any,
+) -> None:
     """``todo`` in ``args.jobs`` worker processes; the results page is rewritten as each run ends."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context, initializer=set_threads,
-                             initargs=(args.threads,)) as pool:
-        pending = {pool.submit(_job, preset, strategy, seed, args.workdir, args.data_dir, args.threads or None)
-                   for seed, strategy in todo}
+    with ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=context, initializer=set_threads, initargs=(args.threads,)
+    ) as pool:
+        pending = {
+            pool.submit(_job, preset, strategy, seed, args.workdir, args.data_dir, args.threads or None)
+            for seed, strategy in todo
+        }
         failed = []
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)

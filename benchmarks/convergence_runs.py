@@ -82,22 +82,44 @@ def recipe_arguments(preset: Preset, strategy: str, seed: int, out: Path, data_d
         ranks = str(preset.low_rank)
     else:
         num_hq = math.ceil(preset.high_quality_fraction * preset.num_clients)
-        ranks = ",".join([str(preset.high_rank)] * num_hq + [str(preset.low_rank)] * (preset.num_clients - num_hq))
+        ranks = ",".join(
+            [str(preset.high_rank)] * num_hq + [str(preset.low_rank)] * (preset.num_clients - num_hq)
+        )
     model = ModelArguments(model_config_overrides=preset.model_config_overrides)
-    data = DataArguments(task="ag_news", data_dir=str(data_dir), max_train_samples=preset.max_train_samples,
-                         max_eval_samples=preset.eval_samples, max_seq_length=preset.max_seq_length)
-    client = ClientArguments(local_epochs=preset.local_epochs, per_device_train_batch_size=preset.batch_size,
-                             per_device_eval_batch_size=preset.eval_batch_size, learning_rate=preset.learning_rate,
-                             lora_alpha=preset.lora_alpha)
+    data = DataArguments(
+        task="ag_news",
+        data_dir=str(data_dir),
+        max_train_samples=preset.max_train_samples,
+        max_eval_samples=preset.eval_samples,
+        max_seq_length=preset.max_seq_length,
+    )
+    client = ClientArguments(
+        local_epochs=preset.local_epochs,
+        per_device_train_batch_size=preset.batch_size,
+        per_device_eval_batch_size=preset.eval_batch_size,
+        learning_rate=preset.learning_rate,
+        lora_alpha=preset.lora_alpha,
+    )
     fed = FederationArguments(
-        num_clients=preset.num_clients, clients_per_round=preset.clients_per_round, rounds=preset.rounds,
-        partition="high_quality", dirichlet_alpha=preset.dirichlet_alpha,
+        num_clients=preset.num_clients,
+        clients_per_round=preset.clients_per_round,
+        rounds=preset.rounds,
+        partition="high_quality",
+        dirichlet_alpha=preset.dirichlet_alpha,
         high_quality_fraction=preset.high_quality_fraction,
-        ranks=ranks, quality_upgrade=upgrade, low_rank=preset.low_rank,
-        high_rank=preset.high_rank, upgrade_fraction=preset.upgrade_fraction,
-        upgrade_after_round=preset.upgrade_after_round, quality_eval_samples=preset.quality_eval_samples,
-        strategy="fedavg" if homogeneous else strategy, seed=seed, keep_client_adapters=True,
-        output_dir=str(out), resume=resume, overwrite_output_dir=not resume,
+        ranks=ranks,
+        quality_upgrade=upgrade,
+        low_rank=preset.low_rank,
+        high_rank=preset.high_rank,
+        upgrade_fraction=preset.upgrade_fraction,
+        upgrade_after_round=preset.upgrade_after_round,
+        quality_eval_samples=preset.quality_eval_samples,
+        strategy="fedavg" if homogeneous else strategy,
+        seed=seed,
+        keep_client_adapters=True,
+        output_dir=str(out),
+        resume=resume,
+        overwrite_output_dir=not resume,
         # the paper scores every client before the upgrade (the recipe's default scores the sampled ones)
         **({"quality_scoring": "all"} if upgrade else {}),
     )
@@ -114,22 +136,41 @@ def evaluator(preset: Preset, data_dir: Path) -> dict[str, Any]:
         from hf_fedlora.federation import DataArguments, LocalTrainer, ModelArguments, load_task
         from hf_fedlora.metrics import load_glue_metric
 
-        task = load_task(DataArguments(task="ag_news", data_dir=str(data_dir), max_eval_samples=preset.final_eval_samples,
-                                       max_seq_length=preset.max_seq_length))
+        task = load_task(
+            DataArguments(
+                task="ag_news",
+                data_dir=str(data_dir),
+                max_eval_samples=preset.final_eval_samples,
+                max_seq_length=preset.max_seq_length,
+            )
+        )
         overrides = ModelArguments(model_config_overrides=preset.model_config_overrides).config_overrides()
         import torch
 
-        trainer = LocalTrainer(None, task.num_labels, lora_alpha=preset.lora_alpha, config_overrides=overrides,
-                               label_names=task.label_names, device="cuda" if torch.cuda.is_available() else "cpu")
+        trainer = LocalTrainer(
+            None,
+            task.num_labels,
+            lora_alpha=preset.lora_alpha,
+            config_overrides=overrides,
+            label_names=task.label_names,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
         _EVAL.clear()
-        _EVAL.update(key=key, trainer=trainer, metric=load_glue_metric(task.metric, keep_in_memory=True),
-                     test=task.validation, subset=task.validation.select(range(min(preset.eval_samples, len(task.validation)))))
+        _EVAL.update(
+            key=key,
+            trainer=trainer,
+            metric=load_glue_metric(task.metric, keep_in_memory=True),
+            test=task.validation,
+            subset=task.validation.select(range(min(preset.eval_samples, len(task.validation)))),
+        )
     return _EVAL
 
 
 def accuracy(preset: Preset, data_dir: Path, adapter: Any, split: str) -> float:
     ev = evaluator(preset, data_dir)
-    return ev["trainer"].evaluate(adapter, ev[split], ev["metric"], preset.eval_batch_size, preset.max_seq_length)["score"]
+    return ev["trainer"].evaluate(
+        adapter, ev[split], ev["metric"], preset.eval_batch_size, preset.max_seq_length
+    )["score"]
 
 
 def send_back_method(strategy: str) -> str:
@@ -157,13 +198,21 @@ def run_diagnostic(preset: Preset, strategy: str, run_dir: Path, data_dir: Path)
         if not high:
             continue
         global_view = LoraAdapter.from_pretrained(run_dir / f"round-{rnd:04d}").to_rank(
-            preset.high_rank, lora_alpha=preset.lora_alpha, method=method)
+            preset.high_rank, lora_alpha=preset.lora_alpha, method=method
+        )
         after = accuracy(preset, data_dir, global_view, "subset")
         for c in high:
             folder = run_dir / "clients" / f"round-{rnd:04d}" / f"client-{c.client:04d}"
             before = accuracy(preset, data_dir, LoraAdapter.from_pretrained(folder), "subset")
-            done.append({"round": rnd, "client": c.client, "before": before, "after": after,
-                         "global_accuracy": rec.eval["score"]})
+            done.append(
+                {
+                    "round": rnd,
+                    "client": c.client,
+                    "before": before,
+                    "after": after,
+                    "global_accuracy": rec.eval["score"],
+                }
+            )
     done.sort(key=lambda d: (d["round"], d["client"]))
     write_json(path, done)
     return done
@@ -180,8 +229,12 @@ def final_test(preset: Preset, run_dir: Path, data_dir: Path, completed: int) ->
             return cached
     start = time.perf_counter()
     acc = accuracy(preset, data_dir, LoraAdapter.from_pretrained(run_dir / f"round-{completed:04d}"), "test")
-    result = {"round": completed, "accuracy": acc, "num_examples": len(evaluator(preset, data_dir)["test"]),
-              "seconds": round(time.perf_counter() - start, 2)}
+    result = {
+        "round": completed,
+        "accuracy": acc,
+        "num_examples": len(evaluator(preset, data_dir)["test"]),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     write_json(path, result)
     return result
 
@@ -210,7 +263,12 @@ def high_slots(preset: Preset, run_dir: Path, completed: int) -> dict[str, Any]:
             zero = zero and not bool(a[r:].any()) and not bool(b[:, r:].any())
         share.append(high / total if total else 0.0)
         dead.append(zero)
-    result = {"round": completed, "low_rank": r, "share_per_round": share, "zero_after_rounds": [i + 1 for i, d in enumerate(dead) if d]}
+    result = {
+        "round": completed,
+        "low_rank": r,
+        "share_per_round": share,
+        "zero_after_rounds": [i + 1 for i, d in enumerate(dead) if d],
+    }
     write_json(path, result)
     return result
 
@@ -248,8 +306,15 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
-def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, log: Any,
-            threads: int | None = None) -> None:
+def run_one(
+    preset: Preset,
+    strategy: str,
+    seed: int,
+    workdir: Path,
+    data_dir: Path,
+    log: Any,
+    threads: int | None = None,
+) -> None:
     """Run (or resume, or extend) one (strategy, seed) run, then its diagnostic and final test.
 
     Torch's thread count is the caller's: ``threads`` is only recorded with the rounds run."""
@@ -264,7 +329,10 @@ def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: P
         if source is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(source, run_dir)
-            meta = {**json.loads((source / "bench_run.json").read_text()), "extended_from": source.parent.name}
+            meta = {
+                **json.loads((source / "bench_run.json").read_text()),
+                "extended_from": source.parent.name,
+            }
             (run_dir / "final_test.json").unlink(missing_ok=True)
             log(f"{name}: continuing the {meta['extended_from']} run ({completed_rounds(run_dir)} rounds)")
     if meta and meta.get("settings") != preset.settings():
@@ -276,12 +344,20 @@ def run_one(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: P
         write_json(meta_path, meta)
         start = time.perf_counter()
         log(f"{name}: rounds {done + 1}..{preset.rounds}")
-        args = recipe_arguments(preset, strategy, seed, run_dir, data_dir, resume=(run_dir / "state.json").is_file())
+        args = recipe_arguments(
+            preset, strategy, seed, run_dir, data_dir, resume=(run_dir / "state.json").is_file()
+        )
         run_federation(*args)
-        meta.setdefault("chunks", []).append({"from_round": done + 1, "to_round": preset.rounds, "threads": threads,
-                                              "device": _device_name(),
-                                              "seconds": round(time.perf_counter() - start, 1),
-                                              "load_average_after": list(os.getloadavg())})
+        meta.setdefault("chunks", []).append(
+            {
+                "from_round": done + 1,
+                "to_round": preset.rounds,
+                "threads": threads,
+                "device": _device_name(),
+                "seconds": round(time.perf_counter() - start, 1),
+                "load_average_after": list(os.getloadavg()),
+            }
+        )
         write_json(meta_path, meta)
     start = time.perf_counter()
     diag = run_diagnostic(preset, strategy, run_dir, data_dir)
@@ -303,28 +379,44 @@ def collect_run(preset: Preset, strategy: str, seed: int, workdir: Path) -> dict
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     final_path, diag_path = run_dir / "final_test.json", run_dir / "diagnostic.json"
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
-    complete = bool(meta.get("complete")) and len(records) >= preset.rounds and final is not None \
+    complete = (
+        bool(meta.get("complete"))
+        and len(records) >= preset.rounds
+        and final is not None
         and final["round"] == len(records)
+    )
     slots = high_slots(preset, run_dir, len(records)) if complete else None
     rounds = []
     for r in records[: preset.rounds]:
         clients = r.clients
-        rounds.append({
-            "round": r.round, "accuracy": r.eval["score"],
-            "bytes_up": sum(c.bytes_up for c in clients), "bytes_down": sum(c.bytes_down for c in clients),
-            "bytes_round": r.bytes_round, "cumulative_bytes": r.cumulative_bytes, "num_clients": len(clients),
-            "ranks": sorted(c.rank for c in clients), "global_rank": r.global_rank,
-            "mean_loss": statistics.fmean([c.loss for c in clients]) if clients else None,
-            "seconds": r.seconds,
-        })
+        rounds.append(
+            {
+                "round": r.round,
+                "accuracy": r.eval["score"],
+                "bytes_up": sum(c.bytes_up for c in clients),
+                "bytes_down": sum(c.bytes_down for c in clients),
+                "bytes_round": r.bytes_round,
+                "cumulative_bytes": r.cumulative_bytes,
+                "num_clients": len(clients),
+                "ranks": sorted(c.rank for c in clients),
+                "global_rank": r.global_rank,
+                "mean_loss": statistics.fmean([c.loss for c in clients]) if clients else None,
+                "seconds": r.seconds,
+            }
+        )
     return {
-        "strategy": strategy, "seed": seed, "status": "complete" if complete else f"partial ({len(rounds)}/{preset.rounds} rounds)",
-        "complete": complete, "completed_rounds": len(rounds), "rounds": rounds,
+        "strategy": strategy,
+        "seed": seed,
+        "status": "complete" if complete else f"partial ({len(rounds)}/{preset.rounds} rounds)",
+        "complete": complete,
+        "completed_rounds": len(rounds),
+        "rounds": rounds,
         "final_test": final if complete else None,
         "diagnostic": json.loads(diag_path.read_text()) if diag_path.is_file() and complete else [],
         "loop_seconds": round(sum(r.seconds["wall"] for r in records), 1),
         "diagnostic_seconds": meta.get("diagnostic_seconds"),
         "final_test_seconds": final["seconds"] if final else None,
-        "extended_from": meta.get("extended_from"), "chunks": meta.get("chunks", []),
+        "extended_from": meta.get("extended_from"),
+        "chunks": meta.get("chunks", []),
         "high_slots": slots,
     }

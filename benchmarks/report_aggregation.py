@@ -32,35 +32,48 @@ def summarize_run(preset: dict[str, Any], results: dict[str, dict]) -> dict:
             if not floors[dataset]:
                 continue
             floor = floors[dataset]["read"]
-            row.update({
-                "median_s": res["time"]["median"], "min_s": res["time"]["min"],
-                "no_hash_median_s": res["time_no_hash"]["median"], "no_hash_min_s": res["time_no_hash"]["min"],
-                "floor_median_s": floor["median"], "floor_min_s": floor["min"],
-                "sha256_median_s": floors[dataset]["sha256"]["median"],
-                "ratio_floor_min": res["time"]["min"] / floor["min"],
-                "ratio_floor_median": res["time"]["median"] / floor["median"],
-                "ratio_floor_no_hash_min": res["time_no_hash"]["min"] / floor["min"],
-                "hash_share": 1 - res["time_no_hash"]["median"] / res["time"]["median"],
-                "peak_rss_delta": res["peak_rss_delta"], "peak_anon_delta": res["peak_anon_delta"],
-                "output_bytes": res["output_bytes"], "module_inputs_f32_bytes": res["module_inputs_f32_bytes"],
-                "anon_over_bound": res["peak_anon_delta"] / (res["output_bytes"] + res["module_inputs_f32_bytes"]),
-                "tensor_bytes": res["tensor_bytes"], "rchar_per_run": res["rchar_per_run"],
-            })
+            row.update(
+                {
+                    "median_s": res["time"]["median"],
+                    "min_s": res["time"]["min"],
+                    "no_hash_median_s": res["time_no_hash"]["median"],
+                    "no_hash_min_s": res["time_no_hash"]["min"],
+                    "floor_median_s": floor["median"],
+                    "floor_min_s": floor["min"],
+                    "sha256_median_s": floors[dataset]["sha256"]["median"],
+                    "ratio_floor_min": res["time"]["min"] / floor["min"],
+                    "ratio_floor_median": res["time"]["median"] / floor["median"],
+                    "ratio_floor_no_hash_min": res["time_no_hash"]["min"] / floor["min"],
+                    "hash_share": 1 - res["time_no_hash"]["median"] / res["time"]["median"],
+                    "peak_rss_delta": res["peak_rss_delta"],
+                    "peak_anon_delta": res["peak_anon_delta"],
+                    "output_bytes": res["output_bytes"],
+                    "module_inputs_f32_bytes": res["module_inputs_f32_bytes"],
+                    "anon_over_bound": res["peak_anon_delta"]
+                    / (res["output_bytes"] + res["module_inputs_f32_bytes"]),
+                    "tensor_bytes": res["tensor_bytes"],
+                    "rchar_per_run": res["rchar_per_run"],
+                }
+            )
             if dataset == "mixed":
                 for combination, p in peft.items():
                     if p:
-                        row[f"speedup_vs_peft_{combination}"] = p["time_extrapolated"]["median"] / res["time"]["median"]
+                        row[f"speedup_vs_peft_{combination}"] = (
+                            p["time_extrapolated"]["median"] / res["time"]["median"]
+                        )
             rows.append(row)
         dense = results.get(f"dense_svd///mixed/{n}")
         if dense:
             targets[f"flexlora_100x_dense_svd_n{n}"] = {
-                "speedup_svd_only": dense["speedup_svd_only"], "rel_diff": dense["rel_diff_reconstructions"],
+                "speedup_svd_only": dense["speedup_svd_only"],
+                "rel_diff": dense["rel_diff_reconstructions"],
                 "met": dense["speedup_svd_only"] >= 100 and dense["rel_diff_reconstructions"] < 1e-3,
             }
     for row in rows:
         if row["strategy"] in PADDING_STRATEGIES and row["status"] == "ok":
             targets[f"{row['strategy']}_2x_floor_n{row['n']}"] = {
-                "ratio_min": row["ratio_floor_min"], "ratio_no_hash_min": row["ratio_floor_no_hash_min"],
+                "ratio_min": row["ratio_floor_min"],
+                "ratio_no_hash_min": row["ratio_floor_no_hash_min"],
                 "met": row["ratio_floor_min"] <= 2.0,
             }
     growth = {}
@@ -93,8 +106,10 @@ def plot(run: dict, out: Path) -> list[str]:
     width = 0.8 / len(preset["clients"])
     labels = [f"{s}" + (" (equal ranks)" if d == "equal" else "") for s, d in names]
     for j, n in enumerate(preset["clients"]):
-        vals = [next((r["ratio_floor_min"] for r in rows if (r["strategy"], r["set"]) == nm and r["n"] == n), 0)
-                for nm in names]
+        vals = [
+            next((r["ratio_floor_min"] for r in rows if (r["strategy"], r["set"]) == nm and r["n"] == n), 0)
+            for nm in names
+        ]
         peft_vals = []
         for combination in preset["peft_modules"]:
             p = run["cases"].get(f"peft//{combination}/mixed/{n}")
@@ -103,12 +118,16 @@ def plot(run: dict, out: Path) -> list[str]:
         xs = [i + j * width for i in range(len(names) + len(peft_vals))]
         ax.bar(xs, vals + peft_vals, width, label=f"{n} clients")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names) + len(preset["peft_modules"]))])
-    ax.set_xticklabels(labels + [f"PEFT {c} (extrap.)" for c in preset["peft_modules"]], rotation=30, ha="right")
+    ax.set_xticklabels(
+        labels + [f"PEFT {c} (extrap.)" for c in preset["peft_modules"]], rotation=30, ha="right"
+    )
     ax.axhline(2.0, color="k", ls="--", lw=1, label="2x I/O floor target")
     ax.set_yscale("log")
     ax.set_ylabel("wall time / I/O floor (min of repeats)")
-    ax.set_title(f"Aggregation time, {preset['layers']} layers x 4 modules of {preset['hidden']}x{preset['hidden']} "
-                 f"({preset['name']})")
+    ax.set_title(
+        f"Aggregation time, {preset['layers']} layers x 4 modules of {preset['hidden']}x{preset['hidden']} "
+        f"({preset['name']})"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / f"aggregation_{preset['name']}_time.png"
@@ -120,8 +139,13 @@ def plot(run: dict, out: Path) -> list[str]:
     for k, (metric, style) in enumerate((("peak_anon_delta", "-o"), ("peak_rss_delta", ":x"))):
         for i, nm in enumerate(names):
             pts = sorted((r["n"], r[metric]) for r in rows if (r["strategy"], r["set"]) == nm)
-            ax.plot([p[0] for p in pts], [p[1] / 2**20 for p in pts], style, color=f"C{i}",
-                    label=f"{labels[i]}" if k == 0 else None)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] / 2**20 for p in pts],
+                style,
+                color=f"C{i}",
+                label=f"{labels[i]}" if k == 0 else None,
+            )
     ax.set_xlabel("clients")
     ax.set_ylabel("MiB above the imported-interpreter baseline")
     ax.set_yscale("log")
@@ -141,90 +165,226 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 def render_markdown(report: dict) -> str:
     """The results page, generated from the JSON (no hand-typed numbers)."""
-    out = ["# Aggregation speed and memory", "",
-           "Generated by `benchmarks/bench_aggregation.py` from `aggregation.json`; do not edit by hand.", ""]
+    out = [
+        "# Aggregation speed and memory",
+        "",
+        "Generated by `benchmarks/bench_aggregation.py` from `aggregation.json`; do not edit by hand.",
+        "",
+    ]
     for name in ("full", "quick", "smoke"):
         run = report.get("presets", {}).get(name)
         if not run:
             continue
         p = run["preset"]
         s = run["summary"]
-        done = "" if run.get("complete", True) else f" **PARTIAL: {run['cases_done']} cases measured so far.**"
-        out += [f"## Preset `{name}`", "",
-                f"Command: `{run['command']}` ({run['finished']}, {run['elapsed_s']:.0f} s in all).{done}", "",
-                f"Inputs: {p['layers']} layers x {{q,k,v,o}}_proj of {p['hidden']}x{p['hidden']}, client k has rank "
-                f"{p['ranks']}[k mod {len(p['ranks'])}] and `lora_alpha = 2r`, bf16 safetensors written in PEFT's format; "
-                f"{p['clients']} clients, uniform weights. `fedavg` also runs on an equal-rank set (every client r={p['equal_rank']}).",
-                "", "Machine: " + ", ".join(f"{k}={v}" for k, v in run["machine"].items()), "",
-                "**Caveats.** " + " ".join(run["notes"]), ""]
-        out += ["### Wall time, memory, bytes read", "",
-                "Ratios use the minimum over repeats (median in brackets). `no sha256` is the same call with the "
-                "provenance hashing patched out by the benchmark. Peak memory is above the baseline of an "
-                "interpreter that imported torch and hf_fedlora; `bound` = output + one module's inputs in float32.", ""]
-        header = ["clients", "strategy", "median s", "min s", "x I/O floor", "no sha256: s (x floor)",
-                  "sha256 share", "peak anon", "ru_maxrss", "anon / bound", "tensor bytes", "read() bytes",
-                  "vs PEFT svd", "vs PEFT cat"]
+        done = (
+            "" if run.get("complete", True) else f" **PARTIAL: {run['cases_done']} cases measured so far.**"
+        )
+        out += [
+            f"## Preset `{name}`",
+            "",
+            f"Command: `{run['command']}` ({run['finished']}, {run['elapsed_s']:.0f} s in all).{done}",
+            "",
+            f"Inputs: {p['layers']} layers x {{q,k,v,o}}_proj of {p['hidden']}x{p['hidden']}, client k has rank "
+            f"{p['ranks']}[k mod {len(p['ranks'])}] and `lora_alpha = 2r`, bf16 safetensors written in PEFT's format; "
+            f"{p['clients']} clients, uniform weights. `fedavg` also runs on an equal-rank set (every client r={p['equal_rank']}).",
+            "",
+            "Machine: " + ", ".join(f"{k}={v}" for k, v in run["machine"].items()),
+            "",
+            "**Caveats.** " + " ".join(run["notes"]),
+            "",
+        ]
+        out += [
+            "### Wall time, memory, bytes read",
+            "",
+            "Ratios use the minimum over repeats (median in brackets). `no sha256` is the same call with the "
+            "provenance hashing patched out by the benchmark. Peak memory is above the baseline of an "
+            "interpreter that imported torch and hf_fedlora; `bound` = output + one module's inputs in float32.",
+            "",
+        ]
+        header = [
+            "clients",
+            "strategy",
+            "median s",
+            "min s",
+            "x I/O floor",
+            "no sha256: s (x floor)",
+            "sha256 share",
+            "peak anon",
+            "ru_maxrss",
+            "anon / bound",
+            "tensor bytes",
+            "read() bytes",
+            "vs PEFT svd",
+            "vs PEFT cat",
+        ]
         table = []
         for r in s["rows"]:
             label = r["strategy"] + (" (equal ranks)" if r["set"] == "equal" else "")
             if r["status"] != "ok":
-                table.append([r["n"], label, "n/a: " + r["reason"].split(";")[0].replace("|", "/")] + [""] * 11)
+                table.append(
+                    [r["n"], label, "n/a: " + r["reason"].split(";")[0].replace("|", "/")] + [""] * 11
+                )
                 continue
-            table.append([
-                r["n"], label, _f(r["median_s"]), _f(r["min_s"]),
-                f"{r['ratio_floor_min']:.1f} ({r['ratio_floor_median']:.1f})",
-                f"{_f(r['no_hash_min_s'])} ({r['ratio_floor_no_hash_min']:.1f})",
-                f"{100 * r['hash_share']:.0f}%", fmt_bytes(r["peak_anon_delta"]), fmt_bytes(r["peak_rss_delta"]),
-                _f(r["anon_over_bound"]), fmt_bytes(r["tensor_bytes"]), fmt_bytes(r["rchar_per_run"]),
-                f"{r['speedup_vs_peft_svd']:.0f}x" if "speedup_vs_peft_svd" in r else "n/a",
-                f"{r['speedup_vs_peft_cat']:.1f}x" if "speedup_vs_peft_cat" in r else "n/a",
-            ])
+            table.append(
+                [
+                    r["n"],
+                    label,
+                    _f(r["median_s"]),
+                    _f(r["min_s"]),
+                    f"{r['ratio_floor_min']:.1f} ({r['ratio_floor_median']:.1f})",
+                    f"{_f(r['no_hash_min_s'])} ({r['ratio_floor_no_hash_min']:.1f})",
+                    f"{100 * r['hash_share']:.0f}%",
+                    fmt_bytes(r["peak_anon_delta"]),
+                    fmt_bytes(r["peak_rss_delta"]),
+                    _f(r["anon_over_bound"]),
+                    fmt_bytes(r["tensor_bytes"]),
+                    fmt_bytes(r["rchar_per_run"]),
+                    f"{r['speedup_vs_peft_svd']:.0f}x" if "speedup_vs_peft_svd" in r else "n/a",
+                    f"{r['speedup_vs_peft_cat']:.1f}x" if "speedup_vs_peft_cat" in r else "n/a",
+                ]
+            )
         out += [markdown_table(header, table), ""]
         out += ["### I/O floor (same run, warm page cache)", ""]
         ftable = []
         for key, c in run["cases"].items():
             if key.startswith("io_floor"):
                 _, _, _, dataset, n = key.split("/")
-                ftable.append([n, dataset, fmt_bytes(c["tensor_bytes"]), _f(c["read"]["min"], 3), _f(c["read"]["median"], 3),
-                               _f(c["read_f32"]["min"], 3), _f(c["sha256"]["min"], 3), _f(c["sha256"]["median"], 3),
-                               f"{c['file_bytes'] / c['sha256']['min'] / 2**20:.0f} MiB/s"])
-        out += [markdown_table(["clients", "set", "tensor bytes", "read min s", "read median s", "read+to f32 min s",
-                                "sha256 min s", "sha256 median s", "sha256 rate"], ftable), ""]
+                ftable.append(
+                    [
+                        n,
+                        dataset,
+                        fmt_bytes(c["tensor_bytes"]),
+                        _f(c["read"]["min"], 3),
+                        _f(c["read"]["median"], 3),
+                        _f(c["read_f32"]["min"], 3),
+                        _f(c["sha256"]["min"], 3),
+                        _f(c["sha256"]["median"], 3),
+                        f"{c['file_bytes'] / c['sha256']['min'] / 2**20:.0f} MiB/s",
+                    ]
+                )
+        out += [
+            markdown_table(
+                [
+                    "clients",
+                    "set",
+                    "tensor bytes",
+                    "read min s",
+                    "read median s",
+                    "read+to f32 min s",
+                    "sha256 min s",
+                    "sha256 median s",
+                    "sha256 rate",
+                ],
+                ftable,
+            ),
+            "",
+        ]
         out += ["### PEFT `add_weighted_adapter` (sampled modules, extrapolated)", ""]
         ptable = []
         for key, c in run["cases"].items():
             if key.startswith("peft"):
                 n = key.split("/")[-1]
-                ptable.append([n, c["combination_type"], ", ".join(c["sampled_modules"]), _f(c["time_sample"]["median"]),
-                               f"x{c['extrapolation_factor']:.0f}", _f(c["time_extrapolated"]["median"], 1),
-                               _f(c["load_adapters_s"], 1)])
-        out += [markdown_table(["clients", "combination", "sampled modules", "sample median s", "extrapolation",
-                                "EXTRAPOLATED all-module s", "load_adapter s (not counted)"], ptable), ""]
+                ptable.append(
+                    [
+                        n,
+                        c["combination_type"],
+                        ", ".join(c["sampled_modules"]),
+                        _f(c["time_sample"]["median"]),
+                        f"x{c['extrapolation_factor']:.0f}",
+                        _f(c["time_extrapolated"]["median"], 1),
+                        _f(c["load_adapters_s"], 1),
+                    ]
+                )
+        out += [
+            markdown_table(
+                [
+                    "clients",
+                    "combination",
+                    "sampled modules",
+                    "sample median s",
+                    "extrapolation",
+                    "EXTRAPOLATED all-module s",
+                    "load_adapter s (not counted)",
+                ],
+                ptable,
+            ),
+            "",
+        ]
         out += ["### FlexLoRA: factored SVD vs dense `torch.linalg.svd` (one module)", ""]
         dtable = []
         for key, c in run["cases"].items():
             if key.startswith("dense_svd"):
                 n = key.split("/")[-1]
-                dtable.append([n, c["module"], c["sum_ranks"], c["target_rank"], _f(c["flexlora"]["median"], 4),
-                               _f(c["dense_sum"]["median"], 3), _f(c["dense_svd"]["median"], 2),
-                               f"{c['speedup_svd_only']:.0f}x", f"{c['rel_diff_reconstructions']:.1e}",
-                               f"{c['rel_error_flexlora']:.4f} / {c['rel_error_dense']:.4f}"])
-        out += [markdown_table(["clients", "module", "sum r_k", "R", "flexlora s", "dense sum s", "dense svd s",
-                                "speedup (svd only)", "rel. diff of rank-R results", "rel. error vs sum: flex / dense"],
-                               dtable), ""]
+                dtable.append(
+                    [
+                        n,
+                        c["module"],
+                        c["sum_ranks"],
+                        c["target_rank"],
+                        _f(c["flexlora"]["median"], 4),
+                        _f(c["dense_sum"]["median"], 3),
+                        _f(c["dense_svd"]["median"], 2),
+                        f"{c['speedup_svd_only']:.0f}x",
+                        f"{c['rel_diff_reconstructions']:.1e}",
+                        f"{c['rel_error_flexlora']:.4f} / {c['rel_error_dense']:.4f}",
+                    ]
+                )
+        out += [
+            markdown_table(
+                [
+                    "clients",
+                    "module",
+                    "sum r_k",
+                    "R",
+                    "flexlora s",
+                    "dense sum s",
+                    "dense svd s",
+                    "speedup (svd only)",
+                    "rel. diff of rank-R results",
+                    "rel. error vs sum: flex / dense",
+                ],
+                dtable,
+            ),
+            "",
+        ]
         out += ["### Targets", ""]
-        out += [markdown_table(["target", "met", "numbers"],
-                               [[k, "yes" if v["met"] else "**no**", ", ".join(f"{a}={_f(b, 3) if isinstance(b, float) else b}"
-                                                                          for a, b in v.items() if a != "met")]
-                                for k, v in s["targets"].items()]), ""]
+        out += [
+            markdown_table(
+                ["target", "met", "numbers"],
+                [
+                    [
+                        k,
+                        "yes" if v["met"] else "**no**",
+                        ", ".join(
+                            f"{a}={_f(b, 3) if isinstance(b, float) else b}"
+                            for a, b in v.items()
+                            if a != "met"
+                        ),
+                    ]
+                    for k, v in s["targets"].items()
+                ],
+            ),
+            "",
+        ]
         if s["memory_growth"]:
             out += ["### Does memory grow with the number of clients?", ""]
-            out += [markdown_table(["strategy", "clients", "peak anon", "ru_maxrss", "output"],
-                                   [[k, " -> ".join(map(str, g["clients"])),
-                                     " -> ".join(fmt_bytes(x) for x in g["peak_anon_delta"]),
-                                     " -> ".join(fmt_bytes(x) for x in g["peak_rss_delta"]),
-                                     " -> ".join(fmt_bytes(x) for x in g["output_bytes"])]
-                                    for k, g in sorted(s["memory_growth"].items())]), ""]
+            out += [
+                markdown_table(
+                    ["strategy", "clients", "peak anon", "ru_maxrss", "output"],
+                    [
+                        [
+                            k,
+                            " -> ".join(map(str, g["clients"])),
+                            " -> ".join(fmt_bytes(x) for x in g["peak_anon_delta"]),
+                            " -> ".join(fmt_bytes(x) for x in g["peak_rss_delta"]),
+                            " -> ".join(fmt_bytes(x) for x in g["output_bytes"]),
+                        ]
+                        for k, g in sorted(s["memory_growth"].items())
+                    ],
+                ),
+                "",
+            ]
         out += [f"![time]({f})" for f in run["plots"]] + [""]
     return "\n".join(out)
 

@@ -36,8 +36,10 @@ def summarize_strategy(preset: dict[str, Any], runs: list[dict[str, Any]]) -> di
     each target, bytes, the diagnostic and the high rank slots, from the complete runs."""
     full = [r for r in runs if r["complete"]]
     curves = [[x["accuracy"] for x in r["rounds"]] for r in full]
-    out: dict[str, Any] = {"seeds_complete": [r["seed"] for r in full],
-                           "seeds_partial": [r["seed"] for r in runs if not r["complete"]]}
+    out: dict[str, Any] = {
+        "seeds_complete": [r["seed"] for r in full],
+        "seeds_partial": [r["seed"] for r in runs if not r["complete"]],
+    }
     if not full:
         return out
     per_round = list(zip(*curves))
@@ -50,32 +52,62 @@ def summarize_strategy(preset: dict[str, Any], runs: list[dict[str, Any]]) -> di
     down = [x["bytes_down"] / x["num_clients"] for r in full for x in r["rounds"]]
     cum = [r["rounds"][-1]["cumulative_bytes"] for r in full]
     diag = [d for r in full for d in r["diagnostic"]]
-    out.update({
-        "curve_mean": [_mean(list(x)) for x in per_round], "curve_std": [_std(list(x)) for x in per_round],
-        "curve_min": [min(x) for x in per_round], "curve_max": [max(x) for x in per_round],
-        "cumulative_mb_mean": [_mean([r["rounds"][i]["cumulative_bytes"] / 1e6 for r in full]) for i in range(len(per_round))],
-        "auc": {"mean": _mean(auc), "std": _std(auc), "per_seed": auc},
-        "auc_second_half": {"mean": _mean(late), "std": _std(late), "per_seed": late, "from_round": half + 1},
-        "last_round_subset": {"mean": _mean(last), "std": _std(last), "per_seed": last},
-        "final_test": {"mean": _mean(finals), "std": _std(finals), "per_seed": finals,
-                       "num_examples": full[0]["final_test"]["num_examples"]},
-        "rounds_to_target": {str(t): [rounds_to(c, t) for c in curves] for t in preset["targets"]},
-        "best_round_accuracy": {"mean": _mean([max(c) for c in curves]), "per_seed": [max(c) for c in curves]},
-        "bytes_up_per_client_round": _mean(up), "bytes_down_per_client_round": _mean(down),
-        "cumulative_bytes": {"mean": _mean(cum), "per_seed": cum},
-        "diagnostic": {
-            "pairs": len(diag), "before_mean": _mean([d["before"] for d in diag]),
-            "after_mean": _mean([d["after"] for d in diag]),
-            "drop_mean": _mean([d["before"] - d["after"] for d in diag]),
-            "worst_drop": max((d["before"] - d["after"] for d in diag), default=None),
-            "first": diag[0] if diag else None,
-        },
-        "high_slot_share_last_round": _mean([r["high_slots"]["share_per_round"][-1] for r in full if r.get("high_slots")]),
-        "high_slot_share_mean": _mean([_mean(r["high_slots"]["share_per_round"]) for r in full if r.get("high_slots")]),
-        "high_slots_zero_from_round": [min(r["high_slots"]["zero_after_rounds"], default=None) for r in full if r.get("high_slots")],
-        "seconds_per_run": _mean([r["loop_seconds"] + (r["final_test_seconds"] or 0) + (r["diagnostic_seconds"] or 0)
-                                  for r in full]),
-    })
+    out.update(
+        {
+            "curve_mean": [_mean(list(x)) for x in per_round],
+            "curve_std": [_std(list(x)) for x in per_round],
+            "curve_min": [min(x) for x in per_round],
+            "curve_max": [max(x) for x in per_round],
+            "cumulative_mb_mean": [
+                _mean([r["rounds"][i]["cumulative_bytes"] / 1e6 for r in full]) for i in range(len(per_round))
+            ],
+            "auc": {"mean": _mean(auc), "std": _std(auc), "per_seed": auc},
+            "auc_second_half": {
+                "mean": _mean(late),
+                "std": _std(late),
+                "per_seed": late,
+                "from_round": half + 1,
+            },
+            "last_round_subset": {"mean": _mean(last), "std": _std(last), "per_seed": last},
+            "final_test": {
+                "mean": _mean(finals),
+                "std": _std(finals),
+                "per_seed": finals,
+                "num_examples": full[0]["final_test"]["num_examples"],
+            },
+            "rounds_to_target": {str(t): [rounds_to(c, t) for c in curves] for t in preset["targets"]},
+            "best_round_accuracy": {
+                "mean": _mean([max(c) for c in curves]),
+                "per_seed": [max(c) for c in curves],
+            },
+            "bytes_up_per_client_round": _mean(up),
+            "bytes_down_per_client_round": _mean(down),
+            "cumulative_bytes": {"mean": _mean(cum), "per_seed": cum},
+            "diagnostic": {
+                "pairs": len(diag),
+                "before_mean": _mean([d["before"] for d in diag]),
+                "after_mean": _mean([d["after"] for d in diag]),
+                "drop_mean": _mean([d["before"] - d["after"] for d in diag]),
+                "worst_drop": max((d["before"] - d["after"] for d in diag), default=None),
+                "first": diag[0] if diag else None,
+            },
+            "high_slot_share_last_round": _mean(
+                [r["high_slots"]["share_per_round"][-1] for r in full if r.get("high_slots")]
+            ),
+            "high_slot_share_mean": _mean(
+                [_mean(r["high_slots"]["share_per_round"]) for r in full if r.get("high_slots")]
+            ),
+            "high_slots_zero_from_round": [
+                min(r["high_slots"]["zero_after_rounds"], default=None) for r in full if r.get("high_slots")
+            ],
+            "seconds_per_run": _mean(
+                [
+                    r["loop_seconds"] + (r["final_test_seconds"] or 0) + (r["diagnostic_seconds"] or 0)
+                    for r in full
+                ]
+            ),
+        }
+    )
     return out
 
 
@@ -90,13 +122,19 @@ def summarize_all(preset: dict[str, Any], runs: dict[str, dict[str, Any]]) -> di
     best = max(scored, key=lambda s: scored[s]["auc"]["mean"])
     reached = [t for t in preset["targets"] if max(scored[best]["curve_mean"]) >= t]
     target = max(reached) if reached else None
-    summary.update(best_by_auc=best, target=target,
-                   target_rule="the highest of the preset's targets that the best strategy's (by AUC) mean curve reaches")
+    summary.update(
+        best_by_auc=best,
+        target=target,
+        target_rule="the highest of the preset's targets that the best strategy's (by AUC) mean curve reaches",
+    )
     if target is not None:
         for v in scored.values():
             hits = v["rounds_to_target"][str(target)]
-            v["rounds_to_headline_target"] = {"per_seed": hits, "reached": sum(h is not None for h in hits),
-                                              "mean_of_reached": _mean([h for h in hits if h is not None])}
+            v["rounds_to_headline_target"] = {
+                "per_seed": hits,
+                "reached": sum(h is not None for h in hits),
+                "mean_of_reached": _mean([h for h in hits if h is not None]),
+            }
     # paired differences against zero-padding (same seed: same split, sampling and client shuffling)
     paired = {}
     ref = {r["seed"]: r for r in by_strategy.get("zero_padding", []) if r["complete"]}
@@ -106,12 +144,23 @@ def summarize_all(preset: dict[str, Any], runs: dict[str, dict[str, Any]]) -> di
         pairs = [(r, ref[r["seed"]]) for r in by_strategy[s] if r["complete"] and r["seed"] in ref]
         if not pairs:
             continue
-        auc = [_mean([x["accuracy"] for x in a["rounds"]]) - _mean([x["accuracy"] for x in b["rounds"]]) for a, b in pairs]
+        auc = [
+            _mean([x["accuracy"] for x in a["rounds"]]) - _mean([x["accuracy"] for x in b["rounds"]])
+            for a, b in pairs
+        ]
         fin = [a["final_test"]["accuracy"] - b["final_test"]["accuracy"] for a, b in pairs]
-        wins = [sum(x["accuracy"] > y["accuracy"] for x, y in zip(a["rounds"], b["rounds"])) for a, b in pairs]
-        paired[s] = {"seeds": [a["seed"] for a, _ in pairs], "auc_diff": auc, "auc_diff_mean": _mean(auc),
-                     "final_test_diff": fin, "final_test_diff_mean": _mean(fin),
-                     "rounds_ahead": wins, "rounds_compared": [len(a["rounds"]) for a, _ in pairs]}
+        wins = [
+            sum(x["accuracy"] > y["accuracy"] for x, y in zip(a["rounds"], b["rounds"])) for a, b in pairs
+        ]
+        paired[s] = {
+            "seeds": [a["seed"] for a, _ in pairs],
+            "auc_diff": auc,
+            "auc_diff_mean": _mean(auc),
+            "final_test_diff": fin,
+            "final_test_diff_mean": _mean(fin),
+            "rounds_ahead": wins,
+            "rounds_compared": [len(a["rounds"]) for a, _ in pairs],
+        }
     summary["paired_vs_zero_padding"] = paired
     return summary
 
@@ -122,8 +171,12 @@ def progress(preset: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[st
     planned = len(preset["strategies"]) * len(preset["seeds"]) * preset["rounds"]
     per_round = _mean(done_rounds)
     return {
-        "rounds_done": len(done_rounds), "rounds_planned": planned, "seconds_per_round_mean": per_round,
-        "estimated_remaining_minutes": None if per_round is None else round(per_round * (planned - len(done_rounds)) / 60, 1),
+        "rounds_done": len(done_rounds),
+        "rounds_planned": planned,
+        "seconds_per_round_mean": per_round,
+        "estimated_remaining_minutes": None
+        if per_round is None
+        else round(per_round * (planned - len(done_rounds)) / 60, 1),
     }
 
 
@@ -143,16 +196,18 @@ def plot(preset: dict[str, Any], summary: dict[str, Any], out: Path) -> list[str
                 continue
             x = list(range(1, len(v["curve_mean"]) + 1)) if kind == "round" else v["cumulative_mb_mean"]
             n = len(v["seeds_complete"])
-            line, = ax.plot(x, v["curve_mean"], marker="o", markersize=3, label=f"{s} (n={n})")
+            (line,) = ax.plot(x, v["curve_mean"], marker="o", markersize=3, label=f"{s} (n={n})")
             if n > 1:
                 ax.fill_between(x, v["curve_min"], v["curve_max"], color=line.get_color(), alpha=0.15)
             drawn += 1
         if not drawn:
             plt.close(fig)
             continue
-        ax.set(xlabel="round" if kind == "round" else "cumulative MB communicated (up + down, all clients)",
-               ylabel=f"accuracy on the first {preset['eval_samples']} test rows",
-               title=f"AG News, MiniLM: accuracy by {'round' if kind == 'round' else 'traffic'} ({preset['name']})")
+        ax.set(
+            xlabel="round" if kind == "round" else "cumulative MB communicated (up + down, all clients)",
+            ylabel=f"accuracy on the first {preset['eval_samples']} test rows",
+            title=f"AG News, MiniLM: accuracy by {'round' if kind == 'round' else 'traffic'} ({preset['name']})",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         name = f"convergence_{preset['name']}_{kind}.png"
@@ -169,7 +224,11 @@ def _p(x: float | None, digits: int = 1) -> str:
 def _ms(v: dict | None, digits: int = 1) -> str:
     if not v or v.get("mean") is None:
         return "n/a"
-    return f"{_p(v['mean'], digits)} ± {_p(v['std'], digits)}" if len(v.get("per_seed", [])) > 1 else _p(v["mean"], digits)
+    return (
+        f"{_p(v['mean'], digits)} ± {_p(v['std'], digits)}"
+        if len(v.get("per_seed", [])) > 1
+        else _p(v["mean"], digits)
+    )
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -182,13 +241,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Generated by `benchmarks/bench_convergence.py` from `convergence_"
         f"{p['name']}.json`; do not edit by hand. Runs made by: "
-        + ("; ".join(f"`{c}`" for c in report.get("run_commands", [])) or f"`{report['command']}`") + ".",
+        + ("; ".join(f"`{c}`" for c in report.get("run_commands", [])) or f"`{report['command']}`")
+        + ".",
         "",
         f"**Runs complete: {len(complete)} of {len(p['strategies']) * len(p['seeds'])}** "
         f"({', '.join(complete) or 'none'}).",
     ]
     partial = [f"{k}: {r['status']}" for k, r in runs.items() if not r["complete"]]
-    missing = [run_name(st, sd) for st in p["strategies"] for sd in p["seeds"] if run_name(st, sd) not in runs]
+    missing = [
+        run_name(st, sd) for st in p["strategies"] for sd in p["seeds"] if run_name(st, sd) not in runs
+    ]
     if partial:
         lines.append(f"Partial (not in the tables): {'; '.join(partial)}.")
     if missing:
@@ -197,22 +259,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Notes on how these runs were made:", ""] + [f"- {n}" for n in report["notes"]] + [""]
     prog = report.get("progress") or {}
     if prog.get("estimated_remaining_minutes"):
-        lines.append(f"Progress: {prog['rounds_done']} of {prog['rounds_planned']} federated rounds done; at the "
-                     f"measured {prog['seconds_per_round_mean']:.0f} s per round the rest needs about "
-                     f"{prog['estimated_remaining_minutes']:.0f} more minutes on this machine (plus the final tests).")
+        lines.append(
+            f"Progress: {prog['rounds_done']} of {prog['rounds_planned']} federated rounds done; at the "
+            f"measured {prog['seconds_per_round_mean']:.0f} s per round the rest needs about "
+            f"{prog['estimated_remaining_minutes']:.0f} more minutes on this machine (plus the final tests)."
+        )
     lines += [
-        f"Continue with `python benchmarks/bench_convergence.py --preset {p['name']} --resume`." if partial or missing else "",
+        f"Continue with `python benchmarks/bench_convergence.py --preset {p['name']} --resume`."
+        if partial or missing
+        else "",
         "",
         "## Setup",
         "",
         f"- Machine: {m['cpu_count']} CPU cores ({m['processor']}), {m.get('mem_total_gib')} GiB, torch {m['torch']}"
         + (f", transformers {m['transformers']}" if m.get("transformers") else "")
-        + (f", GPU {m['accelerator']} (CUDA {m.get('cuda')}): local training and evaluation on the GPU"
-           if m.get("accelerator") else f" with {m['torch_threads']} threads, no GPU")
+        + (
+            f", GPU {m['accelerator']} (CUDA {m.get('cuda')}): local training and evaluation on the GPU"
+            if m.get("accelerator")
+            else f" with {m['torch_threads']} threads, no GPU"
+        )
         + (f"; {m['jobs']} runs at a time" if (m.get("jobs") or 1) > 1 else "")
         + f". Load average when this invocation started: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'] or [])}; "
         f"at the end: {', '.join(f'{x:.2f}' for x in report.get('load_average_at_end') or [])}."
-        + (f" Devices the runs trained on: {', '.join(sorted(report['devices']))}." if report.get("devices") else ""),
+        + (
+            f" Devices the runs trained on: {', '.join(sorted(report['devices']))}."
+            if report.get("devices")
+            else ""
+        ),
         f"- Compute time of the complete runs (federation loop + diagnostic + final test): "
         f"{report['compute_seconds_complete'] / 60:.1f} min in total; this invocation's wall time: "
         f"{report['invocation_seconds'] / 60:.1f} min.",
@@ -223,18 +296,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f", subset of {p['max_train_samples']}" if p["max_train_samples"] else "")
         + f"; test 7,600), max length {p['max_seq_length']} tokens. Per-round accuracy: the first "
         f"{p['eval_samples']} rows of test.tsv (the same rows every round); final accuracy: "
-        + (f"the first {p['final_eval_samples']} test rows." if p["final_eval_samples"] else "the full 7,600-row test set."),
+        + (
+            f"the first {p['final_eval_samples']} test rows."
+            if p["final_eval_samples"]
+            else "the full 7,600-row test set."
+        ),
         f"- Federation: {p['num_clients']} clients (partition `high_quality`: {p['high_quality_fraction']:.0%} class-balanced, "
         f"Dirichlet({p['dirichlet_alpha']}) for the rest), {p['clients_per_round']} sampled per round, {p['rounds']} rounds, "
         f"one local epoch (batch {p['batch_size']}, AdamW lr {p['learning_rate']:g}, constant), seeds {list(p['seeds'])}.",
-        (f"- Ranks: heterogeneous strategies start every client at rank {p['low_rank']}; in round "
-         f"{p['upgrade_after_round']} every one of the {p['num_clients']} clients trains once and is scored on "
-         f"{p['quality_eval_samples']} validation rows (only the sampled ones are aggregated), and the top "
-         f"{p['upgrade_fraction']:.0%} move to rank {p['high_rank']} (the paper's protocol: the recipe's `quality_upgrade` "
-         "with `quality_scoring all`). " if p.get("rank_mode") == "quality_upgrade" else
-         f"- Ranks: the {math.ceil(p['high_quality_fraction'] * p['num_clients'])} class-balanced clients train at rank "
-         f"{p['high_rank']} from round 1, the others at rank {p['low_rank']} (a fixed rank list: what the paper's upgrade "
-         "is meant to find; preset `paper` runs the upgrade itself). ")
+        (
+            f"- Ranks: heterogeneous strategies start every client at rank {p['low_rank']}; in round "
+            f"{p['upgrade_after_round']} every one of the {p['num_clients']} clients trains once and is scored on "
+            f"{p['quality_eval_samples']} validation rows (only the sampled ones are aggregated), and the top "
+            f"{p['upgrade_fraction']:.0%} move to rank {p['high_rank']} (the paper's protocol: the recipe's `quality_upgrade` "
+            "with `quality_scoring all`). "
+            if p.get("rank_mode") == "quality_upgrade"
+            else f"- Ranks: the {math.ceil(p['high_quality_fraction'] * p['num_clients'])} class-balanced clients train at rank "
+            f"{p['high_rank']} from round 1, the others at rank {p['low_rank']} (a fixed rank list: what the paper's upgrade "
+            "is meant to find; preset `paper` runs the upgrade itself). "
+        )
         + "Baselines `homogeneous_r5` / `homogeneous_r20`: every client at that rank, `fedavg`.",
         "- Pairing: the split, the client sampling and every client's shuffling and dropout are seeded from "
         "(seed, round, client), so runs with the same seed differ only in the strategy.",
@@ -257,24 +337,59 @@ def render_markdown(report: dict[str, Any]) -> str:
     rows = []
     for name, v in scored.items():
         hits = v.get("rounds_to_headline_target", {}).get("per_seed", [])
-        rows.append([
-            f"`{name}`", len(v["seeds_complete"]), _ms(v["auc"]), _ms(v["auc_second_half"]), _ms(v["last_round_subset"]),
-            _ms(v["final_test"]), ", ".join("-" if h is None else str(h) for h in hits) or "n/a",
-            f"{v['bytes_up_per_client_round'] / 1e6:.3f} / {v['bytes_down_per_client_round'] / 1e6:.3f}",
-            f"{v['cumulative_bytes']['mean'] / 1e6:.1f}",
-        ])
-    lines.append(markdown_table(
-        ["strategy", "seeds", "AUC %", f"AUC rounds {scored[next(iter(scored))]['auc_second_half']['from_round']}+ %",
-         "last round (subset) %", "final, full test %", "rounds to target", "MB up / down per client-round",
-         "cumulative MB"], rows))
+        rows.append(
+            [
+                f"`{name}`",
+                len(v["seeds_complete"]),
+                _ms(v["auc"]),
+                _ms(v["auc_second_half"]),
+                _ms(v["last_round_subset"]),
+                _ms(v["final_test"]),
+                ", ".join("-" if h is None else str(h) for h in hits) or "n/a",
+                f"{v['bytes_up_per_client_round'] / 1e6:.3f} / {v['bytes_down_per_client_round'] / 1e6:.3f}",
+                f"{v['cumulative_bytes']['mean'] / 1e6:.1f}",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "strategy",
+                "seeds",
+                "AUC %",
+                f"AUC rounds {scored[next(iter(scored))]['auc_second_half']['from_round']}+ %",
+                "last round (subset) %",
+                "final, full test %",
+                "rounds to target",
+                "MB up / down per client-round",
+                "cumulative MB",
+            ],
+            rows,
+        )
+    )
     paired = s.get("paired_vs_zero_padding") or {}
     if paired:
         lines += ["", "### Paired differences against `zero_padding` (same seed)", ""]
-        lines.append(markdown_table(
-            ["strategy", "seeds", "AUC diff (points)", "final test diff (points)", "rounds ahead of zero_padding"],
-            [[f"`{k}`", ", ".join(map(str, v["seeds"])), ", ".join(f"{100 * d:+.1f}" for d in v["auc_diff"]),
-              ", ".join(f"{100 * d:+.1f}" for d in v["final_test_diff"]),
-              ", ".join(f"{w}/{n}" for w, n in zip(v["rounds_ahead"], v["rounds_compared"]))] for k, v in paired.items()]))
+        lines.append(
+            markdown_table(
+                [
+                    "strategy",
+                    "seeds",
+                    "AUC diff (points)",
+                    "final test diff (points)",
+                    "rounds ahead of zero_padding",
+                ],
+                [
+                    [
+                        f"`{k}`",
+                        ", ".join(map(str, v["seeds"])),
+                        ", ".join(f"{100 * d:+.1f}" for d in v["auc_diff"]),
+                        ", ".join(f"{100 * d:+.1f}" for d in v["final_test_diff"]),
+                        ", ".join(f"{w}/{n}" for w, n in zip(v["rounds_ahead"], v["rounds_compared"])),
+                    ]
+                    for k, v in paired.items()
+                ],
+            )
+        )
     lines += [
         "",
         "### Post-aggregation diagnostic",
@@ -291,29 +406,72 @@ def render_markdown(report: dict[str, Any]) -> str:
         if not d["pairs"]:
             continue
         first = d["first"]
-        drows.append([f"`{name}`", d["pairs"], _p(d["before_mean"]), _p(d["after_mean"]), f"{100 * d['drop_mean']:+.1f}",
-                      f"{100 * d['worst_drop']:+.1f}",
-                      f"round {first['round']}, client {first['client']}: {_p(first['before'])} -> {_p(first['after'])}"])
-    lines.append(markdown_table(["strategy", "pairs", "before %", "after %", "mean drop (points)", "worst drop",
-                                 "first pair"], drows) if drows else "No high-rank client pairs.")
+        drows.append(
+            [
+                f"`{name}`",
+                d["pairs"],
+                _p(d["before_mean"]),
+                _p(d["after_mean"]),
+                f"{100 * d['drop_mean']:+.1f}",
+                f"{100 * d['worst_drop']:+.1f}",
+                f"round {first['round']}, client {first['client']}: {_p(first['before'])} -> {_p(first['after'])}",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            ["strategy", "pairs", "before %", "after %", "mean drop (points)", "worst drop", "first pair"],
+            drows,
+        )
+        if drows
+        else "No high-rank client pairs."
+    )
     lines += [
-        "", f"### Rank slots {p['low_rank'] + 1}-{p['high_rank']} of the global adapter", "",
+        "",
+        f"### Rank slots {p['low_rank'] + 1}-{p['high_rank']} of the global adapter",
+        "",
         f"Share of the global update's norm in slots beyond rank {p['low_rank']} (those only rank-{p['high_rank']} "
         f"clients own): sum over modules of ||B[:, {p['low_rank']}:] A[{p['low_rank']}:]|| / ||B A||, and the first "
         "round after which those slots are exactly zero in every module. A slot with A and B both zero has zero "
         "gradient, so once zero-padding aggregates a round with no rank-20 client, the rank-20 clients can never "
-        "train those slots again and effectively run at rank 5.", "",
+        "train those slots again and effectively run at rank 5.",
+        "",
     ]
-    lines.append(markdown_table(
-        ["strategy", "share, mean over rounds", "share, last round", "slots exactly zero from round (per seed)"],
-        [[f"`{k}`", _p(v.get("high_slot_share_mean")), _p(v.get("high_slot_share_last_round")),
-          ", ".join("never" if x is None else str(x) for x in v.get("high_slots_zero_from_round", []))]
-         for k, v in scored.items() if not k.startswith("homogeneous")]))
+    lines.append(
+        markdown_table(
+            [
+                "strategy",
+                "share, mean over rounds",
+                "share, last round",
+                "slots exactly zero from round (per seed)",
+            ],
+            [
+                [
+                    f"`{k}`",
+                    _p(v.get("high_slot_share_mean")),
+                    _p(v.get("high_slot_share_last_round")),
+                    ", ".join(
+                        "never" if x is None else str(x) for x in v.get("high_slots_zero_from_round", [])
+                    ),
+                ]
+                for k, v in scored.items()
+                if not k.startswith("homogeneous")
+            ],
+        )
+    )
     lines += ["", "### Accuracy per round (mean over complete seeds, %)", ""]
     n = max(len(v["curve_mean"]) for v in scored.values())
-    lines.append(markdown_table(["round", *[f"`{k}`" for k in scored]],
-                                [[i + 1, *[_p(v["curve_mean"][i]) if i < len(v["curve_mean"]) else "" for v in scored.values()]]
-                                 for i in range(n)]))
+    lines.append(
+        markdown_table(
+            ["round", *[f"`{k}`" for k in scored]],
+            [
+                [
+                    i + 1,
+                    *[_p(v["curve_mean"][i]) if i < len(v["curve_mean"]) else "" for v in scored.values()],
+                ]
+                for i in range(n)
+            ],
+        )
+    )
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in report.get("plots", [])]
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,9 @@ from testing_utils import load_benchmark
 def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("results")
     data = tmp_path_factory.mktemp("data")
-    load_benchmark("bench_aggregation").main(["--preset", "smoke", "--out", str(out), "--data-dir", str(data)])
+    load_benchmark("bench_aggregation").main(
+        ["--preset", "smoke", "--out", str(out), "--data-dir", str(data)]
+    )
     report = json.loads((out / "aggregation.json").read_text())
     report["_out"], report["_data"] = str(out), str(data)
     return report
