@@ -100,6 +100,12 @@ def test_lower_layers_do_not_import_upper_ones():
         "hf_fedlora.strategies": ("hf_fedlora.adapters", "hf_fedlora.aggregation", "hf_fedlora.federation"),
         "hf_fedlora.aggregation": ("hf_fedlora.federation", "hf_fedlora.flower", "hf_fedlora.hub"),
         "hf_fedlora.federation": ("hf_fedlora.flower", "hf_fedlora.cli"),
+        "hf_fedlora.hub": (
+            "hf_fedlora.adapters",
+            "hf_fedlora.aggregation",
+            "hf_fedlora.federation",
+            "hf_fedlora.cli",
+        ),
     }
     wrong = [
         f"{module} imports {target}"

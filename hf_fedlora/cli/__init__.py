@@ -14,11 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .adapters import LoraAdapter
-from .aggregation import aggregate_adapters
-from .constants import __version__
-from .errors import AdapterError
-from .strategies import get_strategy, list_strategies
+from ..adapters import LoraAdapter
+from ..aggregation import aggregate_adapters
+from ..constants import __version__
+from ..errors import AdapterError
+from ..strategies import get_strategy, list_strategies
+from .push import add_push_parser
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -89,12 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_aggregate(sub)
     _add_inspect(sub)
-    try:
-        from .hub.cli import add_push_parser
-    except ImportError:
-        pass
-    else:
-        add_push_parser(sub)
+    add_push_parser(sub)
     return parser
 
 

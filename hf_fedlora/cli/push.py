@@ -11,6 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from ..adapters import LoraAdapter
+from ..errors import AdapterError
+from ..hub import push_round, round_tag
+
 
 def add_push_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``push`` subcommand on the ``hf-fedlora`` parser."""
@@ -49,8 +53,6 @@ def add_push_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _read_metrics(path: str | None) -> list[dict] | None:
     if not path:
         return None
-    from ..errors import AdapterError
-
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -63,10 +65,6 @@ def _read_metrics(path: str | None) -> list[dict] | None:
 
 def run_push(args: argparse.Namespace) -> int:
     """Handler of ``hf-fedlora push``; returns the exit status (0 pushed or already there)."""
-    from ..adapters import LoraAdapter
-    from ..errors import AdapterError
-    from .push import push_round, round_tag
-
     if not os.path.isdir(args.directory):
         raise AdapterError(f"'{args.directory}' is not a folder; pass the adapter folder to push.")
     card_info = None
