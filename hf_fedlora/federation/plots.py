@@ -8,28 +8,36 @@ from pathlib import Path
 
 from .rounds import RoundRecord
 
+_TIMES = (("train", 1), ("aggregate", 2), ("eval", 1))
+
+
+def _cell(value: float | int) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
 
 def summary_table(records: Sequence[RoundRecord]) -> str:
-    """A fixed-width text table: one row per round with the metrics, loss, traffic and timings."""
+    """A fixed-width text table: one row per round with the metrics, loss, traffic and timings (a
+    round 0, the base model before training, has metrics and eval time only)."""
     if not records:
         return "(no complete rounds)"
     metric_names = [k for k in records[-1].eval or {} if k != "score"]
     head = ["round", *metric_names, "mean loss", "ranks", "MB sent", "train s", "agg s", "eval s"]
     rows = []
     for r in records:
-        clients = r.clients or []
-        mean_loss = sum(c.loss for c in clients) / max(1, len(clients))
-        ranks = ",".join(str(c.rank) for c in clients)
+        seconds = r.seconds or {}
+        if r.clients is None:  # round 0: the base model, before any training
+            mean_loss, ranks = "-", "-"
+        else:
+            mean_loss = f"{sum(c.loss for c in r.clients) / max(1, len(r.clients)):.4f}"
+            ranks = ",".join(str(c.rank) for c in r.clients)
         rows.append(
             [
                 str(r.round),
-                *(f"{r.eval.get(m, float('nan')):.4f}" for m in metric_names),
-                f"{mean_loss:.4f}",
+                *(_cell(r.eval.get(m, float("nan"))) for m in metric_names),
+                mean_loss,
                 ranks,
-                f"{r.cumulative_bytes / 1e6:.2f}",
-                f"{r.seconds['train']:.1f}",
-                f"{r.seconds['aggregate']:.2f}",
-                f"{r.seconds['eval']:.1f}",
+                f"{(r.cumulative_bytes or 0) / 1e6:.2f}",
+                *(f"{seconds[k]:.{d}f}" if k in seconds else "-" for k, d in _TIMES),
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -40,7 +48,8 @@ def summary_table(records: Sequence[RoundRecord]) -> str:
 def plot_history(
     records: Sequence[RoundRecord], path: str | os.PathLike, metric: str = "score"
 ) -> Path | None:
-    """Save a PNG with the eval metric against round and against cumulative megabytes communicated.
+    """Save a PNG with the eval metric against round and against cumulative megabytes communicated
+    (a round-0 record, the base model, is the first point of both: 0 MB).
 
     Returns:
         The file written, or ``None`` when there is nothing to plot.
@@ -54,7 +63,7 @@ def plot_history(
 
     rounds = [r.round for r in records]
     values = [r.eval[metric] for r in records]
-    megabytes = [r.cumulative_bytes / 1e6 for r in records]
+    megabytes = [(r.cumulative_bytes or 0) / 1e6 for r in records]
     label = records[-1].eval_metric or metric
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     left.plot(rounds, values, marker="o")

@@ -1,17 +1,21 @@
 """One federation run's shared pieces: the options, the task's data shards, the local trainer,
-the metric and the round writer (:class:`FederationRun`), built once by :func:`setup_run`, and the
-run state it starts from (:func:`initial_state`)."""
+the evaluator and the round writer (:class:`FederationRun`), built once by :func:`setup_run`, and
+the run state it starts from (:func:`initial_state`).
+
+The task kind (classification or instruction tuning, :mod:`.kinds`) is chosen here, once, from the
+data options' class; everything after works the same for both.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..adapters import LoraAdapter
-from ..metrics import load_glue_metric
 from ..strategies import Strategy, get_strategy
-from .client import PRIMARY_METRIC, LocalTrainer
+from .client import LocalTrainer
 from .config import (
     ClientArguments,
     DataArguments,
@@ -21,32 +25,32 @@ from .config import (
     reproduce_command,
     resume_fingerprint,
 )
-from .data import TASKS, TaskData, TextSplit, load_task
-from .partition import make_partitioner
+from .instruct_config import InstructDataArguments
+from .kinds import Evaluator, TaskSetup, classification_setup
 from .ranks import allocate_ranks, parse_rank_spec
-from .rounds import RoundWriter
+from .rounds import RoundRecord, RoundWriter, round_dir
 from .state import RunState
-
-GLUE_TASKS = tuple(t for t, spec in TASKS.items() if spec.hub_id == "nyu-mll/glue")
 
 
 @dataclass
 class FederationRun:
-    """What every round of one run shares: options, data shards, the trainer, the metric, the writer."""
+    """What every round of one run shares: options, data shards, the trainer, the evaluator, the writer."""
 
     model_args: ModelArguments
-    data_args: DataArguments
+    data_args: DataArguments | InstructDataArguments
     client_args: ClientArguments
     fed_args: FederationArguments
     accelerator: Any
     out: Path
-    task: TaskData
-    shards: list[TextSplit]
+    task: Any
+    shards: list[Any]
     trainer: LocalTrainer
     strategy: Strategy
-    metric: Any
+    evaluator: Evaluator
     max_rank: int
     writer: RoundWriter
+    script: str = "recipes/fed_glue.py"
+    project: str = "fed_glue"
 
     @property
     def groups(self) -> tuple[Any, ...]:
@@ -58,34 +62,22 @@ class FederationRun:
 
     @property
     def metric_name(self) -> str:
-        return PRIMARY_METRIC.get(self.task.metric, "accuracy")
+        return self.evaluator.metric_name
 
     def scoring_round(self, rnd: int) -> bool:
         return self.fed_args.quality_upgrade and rnd <= self.fed_args.upgrade_after_round
 
-    def evaluate(self, adapter: LoraAdapter, split: Any) -> dict[str, float]:
-        return self.trainer.evaluate(
-            adapter,
-            split,
-            self.metric,
-            self.client_args.per_device_eval_batch_size,
-            self.data_args.max_seq_length,
-        )
+    def evaluate(self, adapter: LoraAdapter | None, split: Any) -> dict[str, float]:
+        """The evaluator's metrics of ``adapter`` on ``split`` (``None``: the base model, where the kind has one)."""
+        return self.evaluator.evaluate(adapter, split)
 
 
-def _card_info(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    client_args: ClientArguments,
-    fed_args: FederationArguments,
-    task: TaskData,
-    strategy: Strategy,
-) -> dict[str, Any]:
+def _card_info(groups: tuple[Any, ...], setup: TaskSetup, strategy: Strategy) -> dict[str, Any]:
     """The model card's facts about the run (``hf_fedlora.hub.build_model_card``'s ``card_info``)."""
-    fed = fed_args
+    fed, facts = groups[3], setup.card_info
     return {
-        "base_model": model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
-        "task": task.name,
+        "base_model": facts["base_model"],
+        "task": facts["task"],
         "strategy": strategy.name,
         "num_clients": fed.num_clients,
         "clients_per_round": fed.clients_per_round,
@@ -95,50 +87,39 @@ def _card_info(
         if fed.quality_upgrade
         else fed.ranks,
         "seed": fed.seed,
-        "eval_metric": PRIMARY_METRIC.get(task.metric, "accuracy"),
-        "num_labels": task.num_labels,
-        "dataset": data_args.data_dir or ("nyu-mll/glue" if task.name in GLUE_TASKS else task.name),
-        "command": reproduce_command(model_args, data_args, client_args, fed_args),
+        "eval_metric": facts["eval_metric"],
+        "num_labels": facts["num_labels"],
+        "dataset": facts["dataset"],
+        "command": reproduce_command(*groups, script=setup.script),
     }
 
 
 def setup_run(
     model_args: ModelArguments,
-    data_args: DataArguments,
+    data_args: DataArguments | InstructDataArguments,
     client_args: ClientArguments,
     fed_args: FederationArguments,
     accelerator: Any,
 ) -> FederationRun:
-    """Load the task, split it among the clients, load the base model once, and make the writer."""
-    with accelerator.main_process_first():
-        task = load_task(data_args, seed=fed_args.seed)
-    parts = make_partitioner(
-        fed_args.partition,
-        fed_args.num_clients,
-        seed=fed_args.seed,
-        dirichlet_alpha=fed_args.dirichlet_alpha,
-        high_quality_fraction=fed_args.high_quality_fraction,
-    )(task.train.labels)
-    trainer = LocalTrainer(
-        model_args.model_name_or_path,
-        task.num_labels,
-        target_modules=client_args.target_modules,
-        lora_alpha=client_args.lora_alpha,
-        lora_dropout=client_args.lora_dropout,
-        use_rslora=client_args.use_rslora,
-        is_regression=task.is_regression,
-        config_overrides=model_args.config_overrides(),
-        trust_remote_code=model_args.trust_remote_code,
-        label_names=task.label_names,
-        device=accelerator.device,
-    )
+    """Load the task, split it among the clients, load the base model once, and make the writer.
+
+    Instruction data (:class:`~hf_fedlora.federation.instruct_config.InstructDataArguments`) makes a
+    causal-LM run (:func:`~hf_fedlora.federation.instruct_run.instruct_setup`); any other data
+    options a classification run (:func:`~hf_fedlora.federation.kinds.classification_setup`).
+    """
+    if isinstance(data_args, InstructDataArguments):
+        from .instruct_run import instruct_setup as kind_setup
+    else:
+        kind_setup = classification_setup
+    setup = kind_setup(model_args, data_args, client_args, fed_args, accelerator)
     strategy = get_strategy(fed_args.strategy)
+    groups = (model_args, data_args, client_args, fed_args)
     writer = RoundWriter(
         fed_args.output_dir,
         hub_repo_id=fed_args.hub_model_id if fed_args.push_to_hub else None,
         token=fed_args.hub_token,
         private=fed_args.hub_private,
-        card_info=_card_info(model_args, data_args, client_args, fed_args, task, strategy),
+        card_info=_card_info(groups, setup, strategy),
     )
     return FederationRun(
         model_args,
@@ -147,18 +128,39 @@ def setup_run(
         fed_args,
         accelerator,
         Path(fed_args.output_dir),
-        task,
-        shards=[task.train.select(p) for p in parts],
-        trainer=trainer,
+        setup.task,
+        shards=setup.shards,
+        trainer=setup.trainer,
         strategy=strategy,
-        metric=load_glue_metric(task.metric, keep_in_memory=True),
+        evaluator=setup.evaluator,
         max_rank=fed_args.high_rank if fed_args.quality_upgrade else parse_rank_spec(fed_args.ranks).max_rank,
         writer=writer,
+        script=setup.script,
+        project=setup.project,
+    )
+
+
+def _base_record(run: FederationRun) -> RoundRecord:
+    """Round 0: the base model (before any training) evaluated on the validation split."""
+    start = time.perf_counter()
+    evaluation = run.evaluate(None, run.task.validation)
+    seconds = round(time.perf_counter() - start, 3)
+    return RoundRecord(
+        round=0,
+        eval=evaluation,
+        eval_metric=run.metric_name,
+        global_rank=run.max_rank,
+        bytes_round=0,
+        cumulative_bytes=0,
+        seconds={"eval": seconds, "wall": seconds},
+        strategy=run.strategy.name,
+        adapter=round_dir(run.out, 0).name,
     )
 
 
 def initial_state(run: FederationRun, saved: RunState | None) -> RunState:
-    """The saved state (checked against the options), or a new one with ``round-0000/`` written."""
+    """The saved state (checked against the options), or a new one with ``round-0000/`` written and,
+    when the evaluator scores the base model, its round-0 line in ``metrics.jsonl``."""
     fed = run.fed_args
     fingerprint = resume_fingerprint(*run.groups)
     if saved is not None:
@@ -174,7 +176,10 @@ def initial_state(run: FederationRun, saved: RunState | None) -> RunState:
         initial = run.trainer.initial_adapter(run.max_rank, seed=fed.seed)
         initial.provenance = {"round": 0, "what": "initial adapter"}
         run.writer.save_adapter(0, initial)
-        run.writer.resume(0)
+        # a new run keeps no line, not even the round 0 of a run killed before it saved its state
+        run.writer.resume(-1)
+        if run.evaluator.evaluates_base:
+            run.writer.append(_base_record(run))
         state.save(run.out)
     return state
 
