@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter
-from .adapters.keys import lora_a_key, lora_b_key
+from .adapters.keys import bias_key, magnitude_key
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
 from .adapters.validate import check_compatible
@@ -71,6 +71,32 @@ def _name_non_finite_input(adapters: Sequence[LoraAdapter], module: str) -> None
         adapter.lora_factors(module)
 
 
+def _dense_terms(
+    adapters: Sequence[LoraAdapter], module: str, p: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A module's LoRA bias and DoRA magnitude in the merged adapter: ``sum_k p_k s_k bias_k`` (the
+    bias update, stored at scale 1) and ``sum_k p_k m_k``, whatever the rule."""
+    terms = {}
+    if module in adapters[0].layout.biases:
+        bias = sum(w * a.delta_bias(module) for w, a in zip(p, adapters))
+        terms[bias_key(module)] = bias.to(dtype).contiguous()
+    if module in adapters[0].layout.magnitudes:
+        magnitude = sum(w * a.magnitude(module).float() for w, a in zip(p, adapters))
+        terms[magnitude_key(module)] = magnitude.to(dtype).contiguous()
+    return terms
+
+
+def _dense_extra(adapters: Sequence[LoraAdapter], key: str, p: torch.Tensor) -> torch.Tensor:
+    """A dense tensor averaged with ``p``; a base embedding weight PEFT saved is copied as it is when
+    every client holds the same one (the frozen base layer), so rounding cannot perturb it."""
+    if key in adapters[0].layout.saved_embeddings:
+        first = adapters[0].extra(key)
+        if all(torch.equal(first, a.extra(key)) for a in adapters[1:]):
+            return first.clone()
+    dense = sum(w * a.extra(key).float() for w, a in zip(p, adapters))
+    return dense.to(adapters[0].tensor_dtype(key) or torch.float32)
+
+
 def _check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
     if strategy.supports_heterogeneous_ranks:
         return
@@ -104,7 +130,9 @@ def aggregate_adapters(
 
     Every module's factors are folded with their client's PEFT scale, merged in float32 by the
     strategy, and stored at scale 1 (``lora_alpha = r``, with ``rank_pattern``/``alpha_pattern`` where
-    module ranks differ). Inputs are read lazily, one module at a time, so peak memory is about the
+    module ranks differ). Embedding-layer LoRA is merged like any module; LoRA biases
+    (``lora_bias=True``) become ``sum_k p_k s_k bias_k`` and DoRA magnitudes ``sum_k p_k m_k``
+    under every rule (DoRA's normalisation makes no rule exact: see ``docs/aggregation.md``). Inputs are read lazily, one module at a time, so peak memory is about the
     output plus one module of every client.
 
     Args:
@@ -179,12 +207,13 @@ def aggregate_adapters(
         if not check_inputs and not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
             _name_non_finite_input(adapters, module)  # returns if every input is finite (the sum overflowed)
         a_shape, b_shape = adapters[0].factor_shapes(module)
+        a_key, b_key = adapters[0].layout.factor_keys(module)
         ranks[module] = a.shape[0]
-        state[lora_a_key(module)] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()
-        state[lora_b_key(module)] = b.reshape(b.shape[0], a.shape[0], *b_shape[2:]).to(out_dtype).contiguous()
+        state[a_key] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()
+        state[b_key] = b.reshape(b.shape[0], a.shape[0], *b_shape[2:]).to(out_dtype).contiguous()
+        state.update(_dense_terms(adapters, module, p, out_dtype))
     for key in adapters[0].extras:
-        dense = sum(w * a.extra(key).float() for w, a in zip(p, adapters))
-        state[key] = dense.to(adapters[0].tensor_dtype(key) or torch.float32)
+        state[key] = _dense_extra(adapters, key, p)
 
     counts = [a.num_examples for a in adapters] if num_examples is None else list(num_examples)
     provenance = {

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .adapters import AdapterSource, LoraAdapter, resolve_adapter
+from .adapters.keys import bias_key
 from .adapters.sources import describe_source
 from .adapters.validate import check_compatible
 from .errors import AdapterError
@@ -46,22 +47,35 @@ class ClientVerdict:
         return asdict(self)
 
 
+def _squared_module_norm(adapter: LoraAdapter, module: str) -> float:
+    total = float(squared_update_norm(*adapter.folded_factors(module)))
+    bias = adapter.delta_bias(module)
+    return total if bias is None else total + float(bias.square().sum())
+
+
 def adapter_update_norm(adapter: LoraAdapter) -> float:
-    """Frobenius norm of the adapter's whole update, ``sqrt(sum_m ||s_m B_m A_m||_F^2)``.
+    """Frobenius norm of the adapter's whole update, ``sqrt(sum_m ||s_m B_m A_m||_F^2 + ||s_m b_m||^2)``
+    (``b_m`` the LoRA bias, when ``lora_bias=True``; DoRA magnitudes are not an update and count not).
 
     Reads every LoRA tensor (checking it is finite) and never forms ``B @ A``
     (:func:`hf_fedlora.linalg.squared_update_norm` per module).
     """
-    return math.sqrt(sum(float(squared_update_norm(*adapter.folded_factors(m))) for m in adapter.modules))
+    return math.sqrt(sum(_squared_module_norm(adapter, m) for m in adapter.modules))
 
 
 def _scaled(adapter: LoraAdapter, factor: float) -> LoraAdapter:
-    """The adapter with its update multiplied by ``factor`` (A and B each by ``sqrt(factor)``)."""
+    """The adapter with its update multiplied by ``factor`` (A and B each by ``sqrt(factor)``, a LoRA
+    bias by ``factor``); DoRA magnitudes and extras are kept."""
     root = math.sqrt(factor)
+    layout = adapter.layout
+    factors = {k for m in adapter.modules for k in layout.factor_keys(m)}
+    biases = {bias_key(m) for m in layout.biases}
     state = {}
     for key, tensor in adapter.state_dict().items():
-        is_factor = key.endswith((".lora_A.weight", ".lora_B.weight"))
-        state[key] = (tensor.float() * root).to(tensor.dtype) if is_factor else tensor
+        if key in factors or key in biases:
+            state[key] = (tensor.float() * (root if key in factors else factor)).to(tensor.dtype)
+        else:
+            state[key] = tensor
     return LoraAdapter.from_state_dict(
         adapter.config, state, label=adapter.label, provenance=adapter.provenance
     )

@@ -181,12 +181,20 @@ CASES: list[BadAdapter] = [
     BadAdapter(
         "config is not LoRA (IA3)", _config(peft_type="IA3"), hfl.UnsupportedAdapterError, "`peft_type`"
     ),
-    BadAdapter("DoRA", _config(use_dora=True), hfl.UnsupportedAdapterError, "`use_dora`"),
     BadAdapter(
-        "LoRA bias tensor",
+        "DoRA config without magnitude vectors", _config(use_dora=True), hfl.AdapterFormatError, "`use_dora`"
+    ),
+    BadAdapter(
+        "LoRA bias tensor but `lora_bias: false`",
         _set(QUERY0 + ".lora_B.bias", torch.zeros(32)),
-        hfl.UnsupportedAdapterError,
+        hfl.AdapterFormatError,
         "lora_B.bias",
+    ),
+    BadAdapter(
+        "LoRA bias on the A factor",
+        _set(QUERY0 + ".lora_A.bias", torch.zeros(4)),
+        hfl.UnsupportedAdapterError,
+        "lora_A.bias",
     ),
     BadAdapter("negative rank in config", _config(r=-4), hfl.AdapterFormatError, "`r`"),
     BadAdapter(

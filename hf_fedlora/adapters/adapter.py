@@ -22,10 +22,8 @@ from ..constants import (
     PROVENANCE_NAME,
     SendBackMethod,
     __version__,
-    check_send_back,
 )
-from ..errors import AdapterError, AdapterNotFoundError, UnsafeFormatError
-from ..linalg import empty_directions, factored_svd, lora_a_init, pad_cols, pad_rows
+from ..errors import AdapterNotFoundError, UnsafeFormatError
 from .folders import resolve_source
 from .io import (
     MemoryStore,
@@ -37,9 +35,10 @@ from .io import (
     sha256_file,
     write_json,
 )
-from .keys import lora_a_key, lora_b_key, split_keys
-from .scaling import fold, lora_scale, module_scale, unfold
+from .keys import bias_key, magnitude_key, split_keys
+from .scaling import fold, module_scale
 from .validate import check_factor_shapes, check_finite, lora_config_from_dict
+from .views import rank_view
 
 
 class LoraAdapter:
@@ -49,10 +48,15 @@ class LoraAdapter:
     adapters costs only their headers. Build one with :meth:`from_pretrained` (a folder or a Hub
     repo), :meth:`from_peft_model` or :meth:`from_state_dict`.
 
+    Linear, convolution and embedding LoRA, LoRA biases and DoRA magnitudes are all read.
+
     Attributes:
         config (`peft.LoraConfig`): the adapter's configuration.
         modules (`tuple[str]`): LoRA module names (PEFT keys without ``.lora_A.weight``), sorted.
-        extras (`tuple[str]`): dense tensors saved with the adapter (``modules_to_save``).
+        extras (`tuple[str]`): dense tensors saved with the adapter (``modules_to_save``, and an
+            embedding weight PEFT saved because the layer is targeted or resized).
+        layout (`KeyLayout`): the PEFT key of every tensor, and which modules are embeddings or carry
+            a LoRA bias or a DoRA magnitude.
         label (`str`): how errors name this adapter, e.g. ``client 2 ('clients/b')``.
         provenance (`dict`): contents of ``fedlora_provenance.json`` (example count, strategy, ...).
         directory (`Path`, *optional*): the folder it was read from.
@@ -72,10 +76,10 @@ class LoraAdapter:
         self.label = label
         self.provenance = dict(provenance or {})
         self.directory = Path(directory) if directory is not None else None
-        layout = split_keys(
+        self.layout = split_keys(
             store.keys(), config.modules_to_save, f"{label}, file '{ADAPTER_SAFETENSORS_NAME}'"
         )
-        self.modules, self.extras = layout.modules, layout.extras
+        self.modules, self.extras = self.layout.modules, self.layout.extras
         check_factor_shapes(self)
 
     @classmethod
@@ -190,7 +194,7 @@ class LoraAdapter:
     @property
     def dtype(self) -> torch.dtype:
         """Storage dtype of the LoRA factors."""
-        return self.tensor_dtype(lora_a_key(self.modules[0])) or torch.float32
+        return self.tensor_dtype(self.layout.factor_keys(self.modules[0])[0]) or torch.float32
 
     def scale(self, module: str) -> float:
         """PEFT's scale ``s`` for ``module`` (``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA)."""
@@ -206,7 +210,8 @@ class LoraAdapter:
 
     def factor_shapes(self, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of ``(A, B)`` for ``module`` without reading their data."""
-        return self._store.shape(lora_a_key(module)), self._store.shape(lora_b_key(module))
+        a_key, b_key = self.layout.factor_keys(module)
+        return self._store.shape(a_key), self._store.shape(b_key)
 
     def num_parameters(self) -> int:
         """Number of stored values (LoRA factors and extras): what a client sends."""
@@ -235,17 +240,16 @@ class LoraAdapter:
             raise KeyError(
                 f"{self.label}: no LoRA module `{module}`; it has {len(self.modules)} modules, e.g. {self.modules[:2]}"
             )
-        return self._read(lora_a_key(module), check_finite_values), self._read(
-            lora_b_key(module), check_finite_values
-        )
+        a_key, b_key = self.layout.factor_keys(module)
+        return self._read(a_key, check_finite_values), self._read(b_key, check_finite_values)
 
     def folded_factors(
         self, module: str, *, check_finite_values: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sqrt(s) A, sqrt(s) B)`` as float32 matrices ``[r, in]`` and ``[out, r]``: ``B' @ A' = dW``."""
+        """``(sqrt(s) A, sqrt(s) B)`` as float32 matrices ``[r, in]`` and ``[out, r]``: ``B' @ A' = dW``
+        (for an embedding, ``in`` is the vocabulary and ``out`` the embedding size)."""
         a, b = self.lora_factors(module, check_finite_values=check_finite_values)
-        a, b = fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
-        return a, b
+        return fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
 
     def extra(self, key: str) -> torch.Tensor:
         """A dense tensor saved with the adapter (``modules_to_save``), checked finite."""
@@ -255,11 +259,25 @@ class LoraAdapter:
         """The update PEFT adds to the base layer's weight, ``s * B @ A``, in float32.
 
         For ``nn.Linear`` this is ``[out, in]`` (transpose it for ``fan_in_fan_out`` layers such as
-        GPT-2's ``Conv1D``); convolution updates come back in the layer's weight shape.
+        GPT-2's ``Conv1D``); convolution updates come back in the layer's weight shape; an embedding
+        module's is ``(s * B @ A)^T``, ``[num_embeddings, dim]`` like ``nn.Embedding.weight``. With DoRA
+        this is the LoRA part only: PEFT's merged weight is ``m * (W + dW) / ||W + dW||`` per output.
         """
         a, b = self.folded_factors(name)
+        if name in self.layout.embeddings:
+            return (b @ a).T
         a_shape, _ = self.factor_shapes(name)
         return (b @ a).reshape(b.shape[0], *a_shape[1:])
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        """The update PEFT adds to the layer's bias, ``s * lora_B.bias`` (float32), or ``None``."""
+        if name not in self.layout.biases:
+            return None
+        return self._read(bias_key(name)).to(torch.float32, copy=True).mul_(self.scale(name))
+
+    def magnitude(self, name: str) -> torch.Tensor | None:
+        """The module's DoRA magnitude vector as stored (checked finite), or ``None`` without DoRA."""
+        return self._read(magnitude_key(name)) if name in self.layout.magnitudes else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every stored tensor, loaded, keyed as PEFT saves them."""
@@ -312,10 +330,11 @@ class LoraAdapter:
 
         Factors are unfolded to the client's scale (``lora_alpha / rank``, or ``/ sqrt(rank)`` with
         rsLoRA) so that, loaded with the returned config, PEFT applies the same update (up to the
-        dropped slots). Slots beyond a module's rank get PEFT's initialisation (random A, zero B),
-        which changes nothing in the update but lets the client train them; so do the directions an
-        ``"svd"`` view finds empty (singular value zero, e.g. every slot of an untrained adapter),
-        which would otherwise come out as A = B = 0, a point where LoRA's gradient vanishes.
+        dropped slots); so are LoRA biases (``bias / s``); DoRA magnitudes and extras are copied.
+        Slots beyond a module's rank get PEFT's initialisation (random A, zero B; zero A, normal B
+        for embeddings), which changes nothing in the update but lets the client train them; so do
+        the directions an ``"svd"`` view finds empty (singular value zero, e.g. every slot of an
+        untrained adapter), which would otherwise be A = B = 0, where LoRA's gradient vanishes.
 
         Args:
             rank: the client's LoRA rank.
@@ -331,47 +350,7 @@ class LoraAdapter:
         Raises:
             AdapterError: ``rank`` is not a positive integer, or ``method`` is not a ``SendBackMethod``.
         """
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise AdapterError(f"`rank` must be a positive integer, got {rank!r}.")
-        try:
-            check_send_back(method, "method")
-        except ValueError as exc:
-            raise AdapterError(str(exc)) from None
-        alpha = float(rank if lora_alpha is None else lora_alpha)
-        target_scale = lora_scale(rank, alpha, use_rslora)
-        generator = torch.Generator().manual_seed(seed)
-        state: dict[str, torch.Tensor] = {}
-        for module in self.modules:
-            a, b = self.folded_factors(module)
-            empty = None
-            if method == "svd":
-                a, b = factored_svd([b], [a], min(rank, a.shape[0]))
-                empty = empty_directions(a, b)
-            a, b = unfold(
-                pad_rows(a, min(rank, a.shape[0])), pad_cols(b, min(rank, b.shape[1])), target_scale
-            )
-            if empty is not None and empty.any():
-                a, b = a.clone(), b.clone()
-                a[empty] = lora_a_init(int(empty.sum()), a.shape[1], generator)
-                b[:, empty] = 0
-            if a.shape[0] < rank:
-                a, b = (
-                    torch.cat([a, lora_a_init(rank - a.shape[0], a.shape[1], generator)]),
-                    pad_cols(b, rank),
-                )
-            a_shape, b_shape = self.factor_shapes(module)
-            dtype = self.tensor_dtype(lora_a_key(module)) or torch.float32
-            state[lora_a_key(module)] = a.reshape(rank, *a_shape[1:]).to(dtype)
-            state[lora_b_key(module)] = b.reshape(b_shape[0], rank, *b_shape[2:]).to(dtype)
-        for key in self.extras:
-            state[key] = self.extra(key).clone()
-        config = copy.deepcopy(self.config)
-        config.r, config.lora_alpha, config.use_rslora = rank, alpha, use_rslora
-        config.rank_pattern, config.alpha_pattern = {}, {}
-        provenance = {k: v for k, v in self.provenance.items() if k != "num_examples"}
-        return LoraAdapter(
-            config, MemoryStore(state), label=f"{self.label} at rank {rank}", provenance=provenance
-        )
+        return rank_view(self, rank, lora_alpha, use_rslora=use_rslora, method=method, seed=seed)
 
     def push_to_hub(
         self,
@@ -387,9 +366,8 @@ class LoraAdapter:
     ) -> str:
         """Upload this adapter to the Hub in one commit: its PEFT files, provenance and a model card.
 
-        The adapter is saved to a temporary folder, which :func:`hf_fedlora.hub.push_adapter_folder`
-        uploads (see it for the arguments). The result loads with
-        ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
+        Saved to a temporary folder that :func:`hf_fedlora.hub.push_adapter_folder` uploads (see it for
+        the arguments); loads with ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
 
         Returns:
             The commit sha.

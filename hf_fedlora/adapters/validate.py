@@ -16,7 +16,7 @@ from ..errors import (
     RankMismatchError,
     UnsupportedAdapterError,
 )
-from .keys import lora_a_key, lora_b_key
+from .keys import KeyLayout, bias_key, magnitude_key
 from .scaling import declared_rank_alpha
 
 
@@ -25,6 +25,7 @@ class AdapterLayout(Protocol):
 
     label: str
     config: LoraConfig
+    layout: KeyLayout
     modules: tuple[str, ...]
     extras: tuple[str, ...]
 
@@ -42,15 +43,6 @@ def lora_config_from_dict(data: dict[str, Any], where: str) -> LoraConfig:
         raise UnsupportedAdapterError(
             f"{where}, file '{ADAPTER_CONFIG_NAME}': field `peft_type` is {data.get('peft_type')!r}; "
             "hf_fedlora merges LoRA adapters only (`peft_type: LORA`)."
-        )
-    if data.get("use_dora"):
-        raise UnsupportedAdapterError(
-            f"{where}, file '{ADAPTER_CONFIG_NAME}': field `use_dora` is true; DoRA magnitudes cannot be "
-            "merged across ranks. Train with `use_dora=False`."
-        )
-    if data.get("lora_bias"):
-        raise UnsupportedAdapterError(
-            f"{where}, file '{ADAPTER_CONFIG_NAME}': field `lora_bias` is true; LoRA biases are not supported."
         )
     for field in ("r", "lora_alpha"):
         value = data.get(field)
@@ -83,9 +75,10 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
         )
     for module in adapter.modules:
         a_shape, b_shape = adapter.factor_shapes(module)
+        a_key, b_key = adapter.layout.factor_keys(module)
         for key, shape, dtype in (
-            (lora_a_key(module), a_shape, adapter.tensor_dtype(lora_a_key(module))),
-            (lora_b_key(module), b_shape, adapter.tensor_dtype(lora_b_key(module))),
+            (a_key, a_shape, adapter.tensor_dtype(a_key)),
+            (b_key, b_shape, adapter.tensor_dtype(b_key)),
         ):
             if dtype is None or not dtype.is_floating_point:
                 raise AdapterFormatError(
@@ -98,7 +91,7 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
         rank, _ = declared_rank_alpha(adapter.config, module)
         if a_shape[0] != rank or b_shape[1] != rank:
             raise RankMismatchError(
-                f"{where}: tensors `{lora_a_key(module)}` {list(a_shape)} and `{lora_b_key(module)}` {list(b_shape)} "
+                f"{where}: tensors `{a_key}` {list(a_shape)} and `{b_key}` {list(b_shape)} "
                 f"hold rank {a_shape[0]}/{b_shape[1]} but '{ADAPTER_CONFIG_NAME}' declares rank {rank} for this module "
                 "(`r`/`rank_pattern`). Re-save the adapter with PEFT so config and tensors agree."
             )
@@ -107,6 +100,34 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
             raise RankMismatchError(
                 f"{where}: module `{module}` has rank {rank}, larger than the layer itself "
                 f"({b_shape[0]} x {in_features}); such an adapter is not a low-rank update."
+            )
+        _check_dense_terms(adapter, module, b_shape[0], where)
+
+
+def _check_dense_terms(adapter: AdapterLayout, module: str, out_features: int, where: str) -> None:
+    """A module's LoRA bias and DoRA magnitude agree with the config and with the layer's outputs."""
+    layout, config = adapter.layout, adapter.config
+    terms = (
+        ("lora_bias", bias_key(module), module in layout.biases, module not in layout.embeddings),
+        ("use_dora", magnitude_key(module), module in layout.magnitudes, True),
+    )
+    for field, key, present, expected in terms:
+        declared = bool(getattr(config, field, False)) and expected
+        if present != declared:
+            raise AdapterFormatError(
+                f"{where}: "
+                + (f"tensor `{key}` is present" if present else f"tensor `{key}` is missing")
+                + f" but field `{field}` in '{ADAPTER_CONFIG_NAME}' is {str(bool(getattr(config, field))).lower()}"
+                + ("" if expected else " (PEFT writes no LoRA bias for embedding layers)")
+                + ". Re-save the adapter with PEFT so config and tensors agree."
+            )
+        if not present:
+            continue
+        shape, dtype = adapter.tensor_shape(key), adapter.tensor_dtype(key)
+        if dtype is None or not dtype.is_floating_point or int(torch.Size(shape).numel()) != out_features:
+            raise AdapterFormatError(
+                f"{where}: tensor `{key}` has shape {list(shape)} and dtype {dtype}; it must hold one "
+                f"floating-point value per output of the layer ({out_features})."
             )
 
 
@@ -161,6 +182,14 @@ def check_compatible(adapters: Sequence[AdapterLayout], check_base_model: bool =
                 raise IncompatibleAdaptersError(
                     f"{other.label}: module `{module}` has layer shape {[ob[0], *oa[1:]]} but {ref.label} has "
                     f"{[rb[0], *ra[1:]]}. The adapters were trained on different architectures."
+                )
+        for kind, field in (("biases", "lora_bias"), ("magnitudes", "use_dora"), ("embeddings", None)):
+            if getattr(ref.layout, kind) != getattr(other.layout, kind):
+                what = f"`{field}`" if field else "which modules are embedding layers"
+                raise IncompatibleAdaptersError(
+                    f"{other.label}: {what} differs from {ref.label} "
+                    f"({_first_difference(sorted(getattr(ref.layout, kind)), sorted(getattr(other.layout, kind)))}). "
+                    "Train every client with the same LoRA kind (`use_dora`, `lora_bias`, `target_modules`)."
                 )
         if ref.extras != other.extras:
             raise IncompatibleAdaptersError(
