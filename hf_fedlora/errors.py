@@ -26,8 +26,9 @@ class AdapterFormatError(AdapterError):
 
 
 class UnsupportedAdapterError(AdapterError):
-    """The adapter is valid PEFT but not a plain LoRA we can merge: another PEFT type, DoRA,
-    LoRA biases or embedding LoRA."""
+    """The adapter is valid PEFT but not a LoRA kind we can merge: another PEFT type, ``bias="all"``
+    or ``"lora_only"``, trainable token indices, or a bias on ``lora_A``. (LoRA on linear and
+    embedding layers, ``lora_bias`` and DoRA are merged.)"""
 
 
 class RankMismatchError(AdapterFormatError):
