@@ -22,6 +22,15 @@ LORA_B_SUFFIX = ".lora_B.weight"
 
 ROUND_TAG_FORMAT = "round-{:04d}"
 
+# Bounds on what a client's files can make the server read or parse (adapters/limits.py).
+MAX_JSON_BYTES = 1 << 20  # adapter_config.json, fedlora_provenance.json: 1 MiB
+MAX_JSON_DEPTH = 64  # nesting of [ and { in those files
+MAX_SAFETENSORS_HEADER_BYTES = 8 << 20  # a safetensors JSON header: 8 MiB (~50k tensors)
+MAX_PATTERN_LENGTH = 256  # characters of one rank_pattern / alpha_pattern key
+MAX_PATTERN_ENTRIES = 4096  # keys of rank_pattern / alpha_pattern
+MAX_PATTERN_UNBOUNDED_REPEATS = 3  # `*`, `+`, `{n,}` in one pattern key
+HUB_TIMEOUT_S = 60.0  # read/connect timeout of every Hub request (env HF_FEDLORA_HUB_TIMEOUT)
+
 SendBackMethod = Literal["truncate", "svd"]
 """How a client gets its rank-r view of the global adapter: ``"truncate"`` keeps the first r slots
 (rules whose slots are aligned across rounds), ``"svd"`` the best rank-r approximation."""
@@ -48,6 +57,13 @@ __all__ = [
     "PEFT_PREFIX",
     "PROVENANCE_NAME",
     "ROUND_TAG_FORMAT",
+    "HUB_TIMEOUT_S",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_PATTERN_ENTRIES",
+    "MAX_PATTERN_LENGTH",
+    "MAX_PATTERN_UNBOUNDED_REPEATS",
+    "MAX_SAFETENSORS_HEADER_BYTES",
     "SEND_BACK_METHODS",
     "SendBackMethod",
     "check_send_back",

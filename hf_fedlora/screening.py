@@ -18,7 +18,7 @@ from .adapters import AdapterSource, LoraAdapter, resolve_adapter
 from .adapters.keys import bias_key
 from .adapters.sources import describe_source
 from .adapters.validate import check_compatible
-from .errors import AdapterError
+from .errors import AdapterError, NonFiniteTensorError
 from .linalg import squared_update_norm
 
 
@@ -127,9 +127,20 @@ def screen_clients(
                 check_compatible([next(iter(readable.values())), adapter], check_base_model=check_base_model)
             for key in adapter.extras:
                 adapter.extra(key)  # raises on NaN/Inf
-            verdict.update_norm = adapter_update_norm(adapter)
+            norm = adapter_update_norm(adapter)
+            verdict.update_norm = norm if math.isfinite(norm) else None
+            if not math.isfinite(norm):  # huge finite values overflow the norm; bounds compare False to NaN
+                raise NonFiniteTensorError(
+                    f"{label}: its update norm is {norm} (the values are finite but their squares overflow); "
+                    "such an update cannot be bounded or averaged."
+                )
         except AdapterError as exc:
             verdict.reason = f"{type(exc).__name__}: {exc}"
+            continue
+        except (RuntimeError, OverflowError, RecursionError) as exc:  # never let one client stop the round
+            verdict.reason = (
+                f"AdapterFormatError: {label}: cannot be read ({type(exc).__name__}: {exc!s:.200})"
+            )
             continue
         readable[index] = adapter
     median = (

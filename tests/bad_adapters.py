@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from hostile_adapters import hostile_cases  # noqa: E402
+
 import hf_fedlora as hfl  # noqa: E402
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -35,6 +37,7 @@ class BadAdapter:
     corrupt: Callable[[Path, Path], None]
     error: type
     culprit: str
+    group: str = "format"  # the class of issue 16 it belongs to (see docs/reliability.md)
 
 
 def edit_config(folder: Path, **changes) -> None:
@@ -260,6 +263,7 @@ CASES: list[BadAdapter] = [
         hfl.AdapterFormatError,
         "not a dotted module path",
     ),
+    *hostile_cases(BadAdapter, _config, edit_tensors, _rewrite_header),
 ]
 
 
@@ -285,6 +289,15 @@ def markdown_table(outcomes: list[tuple[BadAdapter, str, bool]]) -> str:
             f"| {i} | {case.name} | `{case.error.__name__}` | {'rejected, culprit named' if ok else 'FAILED: ' + got} |"
         )
     passed = sum(ok for _, _, ok in outcomes)
+    groups: dict[str, list[bool]] = {}
+    for case, _, ok in outcomes:
+        groups.setdefault(case.group, []).append(ok)
+    rows.append("")
+    rows.append(
+        "By class: "
+        + ", ".join(f"{name} {sum(oks)}/{len(oks)}" for name, oks in groups.items())
+        + " (classes of issue 16; 'format' are the earlier cases)."
+    )
     rows.append("")
     rows.append(
         f"Bad-adapter gallery: {passed} of {len(outcomes)} cases rejected with the expected error naming the client and the fault."

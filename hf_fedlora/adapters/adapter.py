@@ -36,6 +36,7 @@ from .io import (
     write_json,
 )
 from .keys import bias_key, magnitude_key, split_keys
+from .limits import check_provenance
 from .scaling import fold, module_scale
 from .validate import check_factor_shapes, check_finite, lora_config_from_dict
 from .views import rank_view
@@ -76,9 +77,8 @@ class LoraAdapter:
         self.label = label
         self.provenance = dict(provenance or {})
         self.directory = Path(directory) if directory is not None else None
-        self.layout = split_keys(
-            store.keys(), config.modules_to_save, f"{label}, file '{ADAPTER_SAFETENSORS_NAME}'"
-        )
+        check_provenance(self.provenance, label)
+        self.layout = split_keys(store.keys(), config.modules_to_save, self.where)
         self.modules, self.extras = self.layout.modules, self.layout.extras
         check_factor_shapes(self)
 
@@ -109,19 +109,13 @@ class LoraAdapter:
             AdapterNotFoundError, AdapterFormatError, UnsupportedAdapterError, RankMismatchError,
             UnsafeFormatError: with the source, file and field named.
         """
-        folder, label = resolve_source(
-            source,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            allow_pickle=allow_pickle,
-            where=label,
-        )
+        kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+        folder, label = resolve_source(source, where=label, **kwargs)
         config = lora_config_from_dict(
             read_json(folder / ADAPTER_CONFIG_NAME, label, "adapter config"), label
         )
         weights = folder / ADAPTER_SAFETENSORS_NAME
-        if weights.is_file():
+        if os.path.lexists(weights):  # anything there is opened as safetensors (FIFOs, loops refused)
             store: TensorStore = SafetensorsStore(weights, label)
         elif (folder / ADAPTER_PICKLE_NAME).is_file():
             if not allow_pickle:
@@ -135,9 +129,10 @@ class LoraAdapter:
             raise AdapterNotFoundError(f"{label}: no '{ADAPTER_SAFETENSORS_NAME}' in '{folder}'.")
         provenance = (
             read_json(folder / PROVENANCE_NAME, label, "provenance")
-            if (folder / PROVENANCE_NAME).is_file()
+            if os.path.lexists(folder / PROVENANCE_NAME)
             else {}
         )
+        check_provenance(provenance, f"{label}, file '{PROVENANCE_NAME}'")
         return cls(config, store, label=label, provenance=provenance, directory=folder)
 
     @classmethod
@@ -164,6 +159,13 @@ class LoraAdapter:
     ) -> LoraAdapter:
         """Wrap tensors keyed as PEFT saves them (``...lora_A.weight``, ``...lora_B.weight``, extras)."""
         return cls(config, MemoryStore(state_dict), label=label, provenance=provenance)
+
+    @property
+    def where(self) -> str:
+        """How errors name its tensors: the label, with the safetensors file when read from one."""
+        if isinstance(self._store, SafetensorsStore):
+            return f"{self.label}, file '{self._store.path.name}'"
+        return self.label
 
     def relabel(self, label: str) -> LoraAdapter:
         """The same adapter (sharing its tensors) under another name for error messages."""
@@ -228,7 +230,7 @@ class LoraAdapter:
     def _read(self, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._store.get(key)
         if check:
-            check_finite(tensor, f"{self.label}, file '{ADAPTER_SAFETENSORS_NAME}'", key)
+            check_finite(tensor, self.where, key)
         return tensor
 
     def lora_factors(
@@ -249,7 +251,11 @@ class LoraAdapter:
         """``(sqrt(s) A, sqrt(s) B)`` as float32 matrices ``[r, in]`` and ``[out, r]``: ``B' @ A' = dW``
         (for an embedding, ``in`` is the vocabulary and ``out`` the embedding size)."""
         a, b = self.lora_factors(module, check_finite_values=check_finite_values)
-        return fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
+        a, b = fold(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1]), self.scale(module))
+        if check_finite_values:  # finite factors times a large scale may still overflow float32
+            where = f"{self.where} (after folding the scale {self.scale(module):.3g})"
+            [check_finite(t, where, k) for k, t in zip(self.layout.factor_keys(module), (a, b))]
+        return a, b
 
     def extra(self, key: str) -> torch.Tensor:
         """A dense tensor saved with the adapter (``modules_to_save``), checked finite."""
@@ -328,13 +334,11 @@ class LoraAdapter:
     ) -> LoraAdapter:
         """The view of this adapter a client of rank ``rank`` trains from (every module at ``rank``).
 
-        Factors are unfolded to the client's scale (``lora_alpha / rank``, or ``/ sqrt(rank)`` with
-        rsLoRA) so that, loaded with the returned config, PEFT applies the same update (up to the
-        dropped slots); so are LoRA biases (``bias / s``); DoRA magnitudes and extras are copied.
-        Slots beyond a module's rank get PEFT's initialisation (random A, zero B; zero A, normal B
-        for embeddings), which changes nothing in the update but lets the client train them; so do
-        the directions an ``"svd"`` view finds empty (singular value zero, e.g. every slot of an
-        untrained adapter), which would otherwise be A = B = 0, where LoRA's gradient vanishes.
+        Factors (and LoRA biases) are unfolded to the client's scale (``lora_alpha / rank``, or
+        ``/ sqrt(rank)`` with rsLoRA), so PEFT applies the same update up to the dropped slots; DoRA
+        magnitudes and extras are copied. Slots beyond a module's rank, and directions an ``"svd"``
+        view finds empty, get PEFT's initialisation (random A, zero B; zero A, normal B for
+        embeddings): no change to the update, but trainable (A = B = 0 has no gradient).
 
         Args:
             rank: the client's LoRA rank.
@@ -344,11 +348,11 @@ class LoraAdapter:
                 slots are ordered); ``"svd"`` keeps the best rank-``rank`` approximation of each update.
             seed: seed for the initialisation of padded slots.
 
-        Returns:
-            A new in-memory ``LoraAdapter`` with ``r=rank`` and the client's alpha.
+        Returns a new in-memory ``LoraAdapter`` with ``r=rank`` and the client's alpha.
 
         Raises:
-            AdapterError: ``rank`` is not a positive integer, or ``method`` is not a ``SendBackMethod``.
+            AdapterError: ``rank`` is not a positive integer or exceeds a layer (``RankMismatchError``),
+                ``method`` is not a ``SendBackMethod``, or the view overflows its dtype.
         """
         return rank_view(self, rank, lora_alpha, use_rslora=use_rslora, method=method, seed=seed)
 
@@ -364,17 +368,10 @@ class LoraAdapter:
         endpoint: str | None = None,
         max_retries: int = 5,
     ) -> str:
-        """Upload this adapter to the Hub in one commit: its PEFT files, provenance and a model card.
-
-        Saved to a temporary folder that :func:`hf_fedlora.hub.push_adapter_folder` uploads (see it for
-        the arguments); loads with ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``.
-
-        Returns:
-            The commit sha.
-
-        Raises:
-            HubPushError: the push failed, or ``revision_tag`` already exists.
-        """
+        """Upload this adapter to the Hub in one commit (PEFT files, provenance, model card); returns the
+        commit sha. Saved to a temporary folder that :func:`hf_fedlora.hub.push_adapter_folder` uploads
+        (see it for the arguments and the ``HubPushError`` it raises); loads with
+        ``PeftModel.from_pretrained(base, repo_id, revision=revision_tag)``."""
         from ..hub.push import push_adapter_folder
 
         with tempfile.TemporaryDirectory(prefix="hf-fedlora-push-") as tmp:

@@ -55,11 +55,30 @@ def resolve_source(
         )
     repo_id, rev = split_revision(text, revision)
     label = where or (f"{repo_id}@{rev}" if rev else repo_id)
+    if not isinstance(source, str) or looks_local(repo_id):
+        raise AdapterNotFoundError(
+            f"{label}: no such folder '{text}', and it is not a valid Hub repo id (it reads as a local path, "
+            "so the Hub is not asked; a repo id is 'user/name' or 'user/name@revision')."
+        )
     if not is_repo_id(repo_id):  # also refuses '..' (no path tricks through a repo id)
         raise AdapterNotFoundError(f"{label}: no such folder, and '{repo_id}' is not a valid Hub repo id.")
     return _download(
         repo_id, rev, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle, label=label
     ), label
+
+
+def looks_local(text: str) -> bool:
+    """True when ``text`` is clearly a path rather than a Hub repo id: it starts with ``/``, ``.``
+    or ``~``, holds a backslash or the OS separator beyond one ``/``, more than one ``/``, or its
+    first part is a local folder (``clients/a`` beside a ``clients`` folder)."""
+    first = text.split("/", 1)[0]
+    return (
+        text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or (os.sep != "/" and os.sep in text)
+        or text.count("/") > 1
+        or ("/" in text and os.path.isdir(first))
+    )
 
 
 def _download(
@@ -103,13 +122,25 @@ def check_files_stay_inside(folder: Path, label: str) -> None:
     A client controls its folder's contents; a link such as ``adapter_config.json -> /etc/...``
     would make the server read (and hash, and log) files the client should not reach.
     """
-    root = folder.resolve()
+    try:
+        root = folder.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise AdapterFormatError(f"{label}: folder '{folder}' cannot be resolved ({exc}).") from exc
     if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
         # a huggingface_hub cache snapshot (snapshot_download's result): its files link to ../../blobs
         root = root.parent.parent
     for name in (ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, ADAPTER_PICKLE_NAME, PROVENANCE_NAME):
         path = folder / name
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
+        if not path.is_symlink():
+            continue
+        try:
+            inside = path.resolve(strict=True).is_relative_to(root)
+        except (OSError, RuntimeError) as exc:  # a dangling link or a symlink loop
+            raise AdapterFormatError(
+                f"{label}, file '{name}': is a symlink that cannot be followed ({exc}); copy the file into "
+                "the folder instead of linking it."
+            ) from exc
+        if not inside:
             raise AdapterFormatError(
                 f"{label}, file '{name}': is a symlink to '{os.readlink(path)}', outside the adapter folder. "
                 "Copy the file into the folder instead of linking it."

@@ -16,7 +16,9 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
+from ..constants import MAX_SAFETENSORS_HEADER_BYTES
 from ..errors import AdapterFormatError, AdapterNotFoundError
+from ..files import open_regular, parse_json, read_small_text
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -31,6 +33,9 @@ _SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "U16": getattr(torch, "uint16", None),
+    "U32": getattr(torch, "uint32", None),
+    "U64": getattr(torch, "uint64", None),
 }
 
 
@@ -76,17 +81,32 @@ class SafetensorsStore:
     def __init__(self, path: str | os.PathLike, where: str):
         self.path = Path(path)
         self._where = where
+        where_file = f"{where}, file '{self.path.name}'"
+        fd = open_regular(self.path, where)  # a regular file: a FIFO or a link loop is refused here
+        with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if length > MAX_SAFETENSORS_HEADER_BYTES or length > size - 8:
+                raise AdapterFormatError(
+                    f"{where_file}: its header declares {length:,} bytes ("
+                    + (
+                        "over the limit of " + f"{MAX_SAFETENSORS_HEADER_BYTES:,}"
+                        if length > MAX_SAFETENSORS_HEADER_BYTES
+                        else f"the file has {size:,}"
+                    )
+                    + "); not read. The upload was probably truncated or forged: send the adapter again."
+                )
+            raw_header = handle.read(max(length, 0))
         try:
             with safe_open(str(self.path), framework="pt", device="cpu"):
                 pass  # full header validation: offsets, sizes, dtypes
-            with open(self.path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
+            header = json.loads(raw_header)
         except FileNotFoundError as exc:
             raise AdapterNotFoundError(f"{where}: weights file '{self.path}' does not exist.") from exc
         except Exception as exc:  # safetensors raises its own error type for every kind of corruption
             raise AdapterFormatError(
-                f"{where}, file '{self.path.name}': not a valid safetensors file ({exc}). "
+                f"{where_file}: not a valid safetensors file ({exc}). "
                 "The upload was probably truncated or corrupted: send the adapter again."
             ) from exc
         header.pop("__metadata__", None)
@@ -105,6 +125,10 @@ class SafetensorsStore:
     def dtype(self, key: str) -> torch.dtype | None:
         return _SAFETENSORS_DTYPES.get(self._entries[key][0])
 
+    def dtype_name(self, key: str) -> str:
+        """The dtype as the header spells it (e.g. ``F8_E8M0``), for messages about unreadable ones."""
+        return str(self._entries[key][0])
+
     def get(self, key: str) -> torch.Tensor:
         dtype_name, shape, start, end = self._entries[key]
         dtype = _SAFETENSORS_DTYPES.get(dtype_name)
@@ -113,7 +137,7 @@ class SafetensorsStore:
             raise AdapterFormatError(f"{where} has dtype {dtype_name}, which this torch cannot read.")
         buffer = bytearray(end - start)
         try:
-            with open(self.path, "rb") as handle:
+            with os.fdopen(open_regular(self.path, self._where), "rb") as handle:
                 handle.seek(self._data_start + start)
                 got = handle.readinto(buffer)
         except OSError as exc:
@@ -146,17 +170,10 @@ def read_json(path: str | os.PathLike, where: str, what: str) -> dict[str, Any]:
     """Parse a JSON object from ``path``; errors name the client, the file and what it should hold."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
+        text = read_small_text(path, where)
+    except AdapterNotFoundError as exc:
         raise AdapterNotFoundError(f"{where}: {what} '{path.name}' is missing from '{path.parent}'.") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{where}, file '{path.name}': cannot be read as text ({exc}).") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(
-            f"{where}, file '{path.name}': {what} is not valid JSON ({exc.msg} at line {exc.lineno})."
-        ) from exc
+    data = parse_json(text, where, what, path.name)
     if not isinstance(data, dict):
         raise AdapterFormatError(
             f"{where}, file '{path.name}': {what} must be a JSON object, got {type(data).__name__}."
@@ -180,12 +197,14 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; on success its files move into ``target``.
+    """Yield an empty temporary folder beside ``target``; on success it becomes ``target`` in one rename.
 
-    A new ``target`` appears in one rename, so readers never see it half-written. If ``target``
-    exists, each file replaces its namesake by rename and other files are kept (as PEFT's
-    ``save_pretrained`` keeps them). If the body raises, the temporary folder is removed and
-    ``target`` is untouched.
+    Readers never see a half-written folder, nor files of two saves mixed (a config of one round
+    beside the weights of another). If ``target`` exists, its files that the new save does not
+    write are linked into the new folder first (as PEFT's ``save_pretrained`` keeps them), then the
+    two folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old
+    folder is renamed aside just before the new one takes its name) and the old one is removed. If
+    the body raises, the temporary folder is removed and ``target`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -193,12 +212,42 @@ def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        try:
-            os.rename(tmp, target)  # atomic when target does not exist
-        except OSError:
-            if not target.is_dir():
-                raise
-            for path in tmp.iterdir():
-                os.replace(path, target / path.name)
+        if target.is_dir() and not target.is_symlink():
+            _keep_other_files(target, tmp)
+            if not _exchange(tmp, target):
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, aside / "old")
+                os.rename(tmp, target)
+                shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, target)  # atomic; refuses a non-empty target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    for path in old.iterdir():
+        if not (new / path.name).exists() and not path.name.startswith(".") and path.is_file():
+            try:
+                os.link(path, new / path.name)
+            except OSError:
+                shutil.copy2(path, new / path.name)
+        elif path.is_dir() and not path.is_symlink() and not (new / path.name).exists():
+            shutil.copytree(path, new / path.name, symlinks=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename (Linux ``renameat2``); False where that is unavailable."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import AdapterError
+from ..errors import AdapterError, AdapterFormatError
 from .adapter import LoraAdapter
 
 AdapterSource = str | os.PathLike | LoraAdapter | Any
@@ -35,7 +35,15 @@ def resolve_adapter(source: AdapterSource, label: str, **load_kwargs: Any) -> Lo
     if hasattr(source, "peft_config") and hasattr(source, "active_adapter"):
         return LoraAdapter.from_peft_model(source, label=label)
     if isinstance(source, (str, os.PathLike)):
-        return LoraAdapter.from_pretrained(source, label=label, **load_kwargs)
+        try:
+            return LoraAdapter.from_pretrained(source, label=label, **load_kwargs)
+        except AdapterError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, RecursionError, OverflowError) as exc:
+            # a client's files must never stop the round with an error that names no one
+            raise AdapterFormatError(
+                f"{label}: cannot be read ({type(exc).__name__}: {exc!s:.300})."
+            ) from exc
     raise AdapterError(
         f"{label}: cannot read an adapter from a {type(source).__name__}; pass a folder, a Hub repo id, "
         "a LoraAdapter or a peft.PeftModel."

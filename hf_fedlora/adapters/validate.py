@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -17,7 +19,8 @@ from ..errors import (
     UnsupportedAdapterError,
 )
 from .keys import KeyLayout, bias_key, magnitude_key
-from .scaling import declared_rank_alpha
+from .limits import check_patterns, positive_number
+from .scaling import declared_rank_alpha, lora_scale
 
 
 class AdapterLayout(Protocol):
@@ -38,29 +41,66 @@ class AdapterLayout(Protocol):
 
 def lora_config_from_dict(data: dict[str, Any], where: str) -> LoraConfig:
     """Build a ``LoraConfig`` from a parsed ``adapter_config.json``, refusing what we cannot merge."""
-    peft_type = str(data.get("peft_type", "")).upper()
+    where_file = f"{where}, file '{ADAPTER_CONFIG_NAME}'"
+    peft_type = data.get("peft_type")
     if peft_type != "LORA":
+        if isinstance(peft_type, str) and peft_type.strip().upper() == "LORA":
+            raise AdapterFormatError(
+                f"{where_file}: field `peft_type` is {peft_type!r}; PEFT writes it as 'LORA' (upper case). "
+                "Re-save the adapter with PEFT."
+            )
         raise UnsupportedAdapterError(
-            f"{where}, file '{ADAPTER_CONFIG_NAME}': field `peft_type` is {data.get('peft_type')!r}; "
+            f"{where_file}: field `peft_type` is {peft_type!r:.60}; "
             "hf_fedlora merges LoRA adapters only (`peft_type: LORA`)."
         )
-    for field in ("r", "lora_alpha"):
+    for field, integer in (("r", True), ("lora_alpha", False)):
         value = data.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if not positive_number(value, integer=integer):
+            kind = "a positive integer" if integer else "a finite positive number"
+            raise AdapterFormatError(f"{where_file}: field `{field}` must be {kind}, got {value!r:.60}.")
+    for field in _BOOL_FIELDS:
+        value = data.get(field)
+        if value is not None and not isinstance(value, bool):
             raise AdapterFormatError(
-                f"{where}, file '{ADAPTER_CONFIG_NAME}': field `{field}` must be a positive number, got {value!r}."
+                f"{where_file}: field `{field}` must be true or false, got {type(value).__name__} {value!r:.60}."
             )
     for field in ("rank_pattern", "alpha_pattern"):
         if data.get(field) is not None and not isinstance(data[field], dict):
             raise AdapterFormatError(
-                f"{where}, file '{ADAPTER_CONFIG_NAME}': field `{field}` must be a mapping, got {data[field]!r}."
+                f"{where_file}: field `{field}` must be a mapping, got {data[field]!r:.60}."
             )
+    check_patterns(data, where_file)
     try:
-        return LoraConfig.from_peft_type(**data)
-    except (TypeError, ValueError) as exc:
-        raise AdapterFormatError(
-            f"{where}, file '{ADAPTER_CONFIG_NAME}': not a valid LoraConfig ({exc})."
-        ) from exc
+        config = LoraConfig.from_peft_type(**data)
+    except (TypeError, ValueError, KeyError, AttributeError, re.error, RecursionError) as exc:
+        raise AdapterFormatError(f"{where_file}: not a valid LoraConfig ({exc!s:.300}).") from exc
+    _check_scales(config, data, where_file)
+    return config
+
+
+_BOOL_FIELDS = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode")
+
+
+def _check_scales(config: LoraConfig, data: dict[str, Any], where: str) -> None:
+    """Every scale the config can give a module, ``alpha / r`` (or ``/ sqrt(r)``), is finite and small
+    enough that ``sqrt(s)`` times a float32 factor can stay finite: folding must not overflow."""
+    ranks = [config.r, *(config.rank_pattern or {}).values()]
+    alphas = [config.lora_alpha, *(config.alpha_pattern or {}).values()]
+    for alpha in alphas:
+        for rank in ranks:
+            try:
+                scale = lora_scale(int(rank), float(alpha), bool(config.use_rslora))
+            except OverflowError:
+                scale = math.inf
+            if not math.isfinite(scale) or scale > MAX_SCALE:
+                raise AdapterFormatError(
+                    f"{where}: field `lora_alpha`/`alpha_pattern` {alpha!r:.40} with rank {rank!r:.40} gives the "
+                    f"scale {scale:.3g}, over {MAX_SCALE:.0e}: folding it into the factors overflows."
+                )
+
+
+MAX_SCALE = 1e18
+"""Largest PEFT scale accepted: ``sqrt(1e18) = 1e9`` leaves float32 room for factors up to ~1e29."""
 
 
 def check_factor_shapes(adapter: AdapterLayout) -> None:
@@ -68,7 +108,7 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
 
     Reads tensor headers only, no data.
     """
-    where = f"{adapter.label}, file '{ADAPTER_SAFETENSORS_NAME}'"
+    where = getattr(adapter, "where", f"{adapter.label}, file '{ADAPTER_SAFETENSORS_NAME}'")
     if not adapter.modules:
         raise AdapterFormatError(
             f"{where}: the adapter holds no LoRA tensors (`*.lora_A.weight`). Nothing to merge."
@@ -81,13 +121,20 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
             (b_key, b_shape, adapter.tensor_dtype(b_key)),
         ):
             if dtype is None or not dtype.is_floating_point:
+                name = dtype_name(adapter, key) if dtype is None else str(dtype).replace("torch.", "")
                 raise AdapterFormatError(
-                    f"{where}: tensor `{key}` has dtype {dtype}; LoRA factors must be floating point."
+                    f"{where}: tensor `{key}` has dtype {name}; LoRA factors must be floating point "
+                    "(float32, float16, bfloat16)."
                 )
             if len(shape) < 2:
                 raise AdapterFormatError(
                     f"{where}: tensor `{key}` has shape {list(shape)}; LoRA factors are matrices."
                 )
+        if int(torch.Size(b_shape[2:]).numel()) != 1:
+            raise AdapterFormatError(
+                f"{where}: tensor `{b_key}` has shape {list(b_shape)}; a LoRA B factor is [out, r] "
+                "(or [out, r, 1, 1] for a convolution)."
+            )
         rank, _ = declared_rank_alpha(adapter.config, module)
         if a_shape[0] != rank or b_shape[1] != rank:
             raise RankMismatchError(
@@ -102,6 +149,12 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
                 f"({b_shape[0]} x {in_features}); such an adapter is not a low-rank update."
             )
         _check_dense_terms(adapter, module, b_shape[0], where)
+
+
+def dtype_name(adapter: object, key: str) -> str:
+    """How a tensor's header spells a dtype torch cannot read (e.g. ``'F8_E8M0'``)."""
+    store = getattr(adapter, "_store", None)
+    return repr(store.dtype_name(key)) if hasattr(store, "dtype_name") else "unknown"
 
 
 def _check_dense_terms(adapter: AdapterLayout, module: str, out_features: int, where: str) -> None:
@@ -154,6 +207,11 @@ def _first_difference(reference: Sequence[str], other: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def _shape(shape: Sequence[int], rank_axis: int = 0) -> str:
+    """A factor's shape with its rank axis shown as ``r`` (ranks may differ between clients)."""
+    return "[" + ", ".join("r" if i == rank_axis else str(d) for i, d in enumerate(shape)) + "]"
+
+
 def check_compatible(adapters: Sequence[AdapterLayout], check_base_model: bool = True) -> None:
     """All adapters adapt the same base model, the same modules, with the same layer shapes.
 
@@ -180,8 +238,8 @@ def check_compatible(adapters: Sequence[AdapterLayout], check_base_model: bool =
             (ra, rb), (oa, ob) = ref.factor_shapes(module), other.factor_shapes(module)
             if ra[1:] != oa[1:] or rb[0] != ob[0] or rb[2:] != ob[2:]:
                 raise IncompatibleAdaptersError(
-                    f"{other.label}: module `{module}` has layer shape {[ob[0], *oa[1:]]} but {ref.label} has "
-                    f"{[rb[0], *ra[1:]]}. The adapters were trained on different architectures."
+                    f"{other.label}: module `{module}` has layer shape A {_shape(oa)} and B {_shape(ob, 1)} but {ref.label} "
+                    f"has A {_shape(ra)} and B {_shape(rb, 1)}. The adapters were trained on different architectures."
                 )
         for kind, field in (("biases", "lora_bias"), ("magnitudes", "use_dora"), ("embeddings", None)):
             if getattr(ref.layout, kind) != getattr(other.layout, kind):

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 
 from ..constants import SendBackMethod, check_send_back
-from ..errors import AdapterError
+from ..errors import AdapterError, RankMismatchError
 from ..linalg import empty_directions, factored_svd, lora_a_init, pad_cols, pad_rows
 from .io import MemoryStore
 from .keys import bias_key, magnitude_key
+from .limits import positive_number
 from .scaling import lora_scale, unfold
+from .validate import check_finite
 
 
 def _init_slots(
@@ -40,7 +42,17 @@ def rank_view(
 ) -> Any:
     """``adapter`` (a ``LoraAdapter``) at ``rank`` with the client's alpha; see ``LoraAdapter.to_rank``."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"`rank` must be a positive integer, got {rank!r}.")
+        raise AdapterError(f"`rank` must be a positive integer, got {rank!r:.60}.")
+    if lora_alpha is not None and not positive_number(lora_alpha, integer=False):
+        raise AdapterError(f"`lora_alpha` must be a finite positive number, got {lora_alpha!r:.60}.")
+    for module in adapter.modules:  # before allocating anything: a view is at most the layer's rank
+        a_shape, b_shape = adapter.factor_shapes(module)
+        largest = min(b_shape[0], int(torch.Size(a_shape[1:]).numel()))
+        if rank > largest:
+            raise RankMismatchError(
+                f"{adapter.label}: `rank` {rank} is larger than module `{module}` itself ({b_shape[0]} x "
+                f"{int(torch.Size(a_shape[1:]).numel())}); the largest view of this adapter is rank {largest}."
+            )
     try:
         check_send_back(method, "method")
     except ValueError as exc:
@@ -70,6 +82,8 @@ def rank_view(
         dtype = adapter.tensor_dtype(a_key) or torch.float32
         state[a_key] = a.reshape(rank, *a_shape[1:]).to(dtype)
         state[b_key] = b.reshape(b_shape[0], rank, *b_shape[2:]).to(dtype)
+        for key in (a_key, b_key):  # unfolding to a small scale, or the cast, may overflow the dtype
+            check_finite(state[key], f"{adapter.label} at rank {rank} (lora_alpha {alpha:g}, {dtype})", key)
         bias = adapter.delta_bias(module)
         if bias is not None:
             state[bias_key(module)] = (bias / target_scale).to(adapter.tensor_dtype(bias_key(module)))

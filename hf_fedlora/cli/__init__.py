@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from ..adapters import LoraAdapter
 from ..aggregation import aggregate_adapters
 from ..constants import __version__
 from ..errors import AdapterError
+from ..hub.errors import redact
 from ..strategies import get_strategy, list_strategies
 from .push import add_push_parser
 
@@ -98,7 +100,23 @@ def _with_revision(source: str, revision: str | None) -> str:
     return f"{source}@{revision}" if revision and "@" not in source else source
 
 
+def check_output_apart(output: str, sources: Sequence[str | None]) -> None:
+    """Refuse an ``--output`` that is, holds or lies inside a local input folder: saving there would
+    replace an input (a client's adapter, or the previous round) with the merge."""
+    out = os.path.realpath(output)
+    for source in sources:
+        if source is None or not os.path.isdir(source):
+            continue
+        src = os.path.realpath(source)
+        if out == src or os.path.commonpath([out, src]) in (out, src):
+            raise AdapterError(
+                f"--output '{output}' is the input '{source}' or shares its folder tree; writing there would "
+                "overwrite an input. Choose another --output."
+            )
+
+
 def _run_aggregate(args: argparse.Namespace) -> int:
+    check_output_apart(args.output, [*args.sources, args.previous])
     adapter = aggregate_adapters(
         [_with_revision(s, args.revision) for s in args.sources],
         strategy=args.strategy,
@@ -148,11 +166,19 @@ def inspect_summary(adapter: LoraAdapter) -> dict:
     }
 
 
+def printable(value: object) -> str:
+    """``str(value)`` with control characters (terminal escapes, newlines, bidi overrides) escaped, so
+    that a client's config or provenance cannot rewrite the operator's terminal."""
+    text = str(value)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     summary = inspect_summary(LoraAdapter.from_pretrained(args.source, revision=args.revision))
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary, indent=2, default=str))  # ensure_ascii escapes every control character
         return 0
+    summary = json.loads(json.dumps(summary, default=printable), object_hook=_escape_strings)
     print(f"{summary['label']}  base={summary['base_model']}  dtype={summary['dtype']}")
     print(
         f"{len(summary['modules'])} LoRA modules, {summary['num_parameters']:,} values, {summary['num_bytes'] / 2**20:.2f} MiB"
@@ -173,20 +199,49 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _escape_strings(mapping: dict) -> dict:
+    return {
+        printable(k): printable(v)
+        if isinstance(v, str)
+        else [printable(i) if isinstance(i, str) else i for i in v]
+        if isinstance(v, list)
+        else v
+        for k, v in mapping.items()
+    }
+
+
+class RedactTokens(logging.Filter):
+    """Replaces Hub tokens (and ``HF_TOKEN``'s value) in log records, e.g. third-party DEBUG lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message, os.environ.get("HF_TOKEN"))
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-fedlora`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactTokens())
     handlers = {"aggregate": _run_aggregate, "inspect": _run_inspect}
     if args.command == "push":
         handlers["push"] = args.handler
     try:
         return handlers[args.command](args)
-    except AdapterError as exc:
-        print(f"hf-fedlora {args.command}: error: {exc}", file=sys.stderr)
+    except (AdapterError, OSError, ValueError) as exc:  # operator or input mistakes: one line, no traceback
+        text = printable(redact(str(exc), os.environ.get("HF_TOKEN")))
+        kind = "" if isinstance(exc, AdapterError) else f"{type(exc).__name__}: "
+        print(f"hf-fedlora {args.command}: error: {kind}{text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hf-fedlora {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ..adapters import LoraAdapter
@@ -35,7 +36,10 @@ def add_push_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tag", help="tag the commit (without --round); must not exist yet")
     p.add_argument("--message", help="commit message (without --round)")
     p.add_argument("--private", action="store_true", default=None, help="create the repo private")
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the logged-in token); never printed")
+    p.add_argument(
+        "--token-file", help="file holding the Hub token (default: HF_TOKEN, else the logged-in token)"
+    )
+    p.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: visible in `ps` and shell history
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     p.add_argument(
         "--card-info", help="JSON object of model card facts (base_model, strategy, num_clients, ...)"
@@ -63,10 +67,35 @@ def _read_metrics(path: str | None) -> list[dict] | None:
     return rows
 
 
+def read_token(args: argparse.Namespace) -> str | None:
+    """The Hub token: ``--token-file``, else ``HF_TOKEN`` / the logged-in token (``None`` lets
+    huggingface_hub find them); ``--token`` still works, with a warning."""
+    if getattr(args, "token", None):
+        warnings.warn(
+            "`hf-fedlora push --token` puts the token in your shell history and the process list; use "
+            "HF_TOKEN or --token-file instead (--token will be removed).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return args.token
+    if getattr(args, "token_file", None):
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AdapterError(
+                f"--token-file '{args.token_file}' cannot be read ({type(exc).__name__})."
+            ) from None
+        if not token or len(token.split()) != 1:
+            raise AdapterError(f"--token-file '{args.token_file}' must hold the token alone on one line.")
+        return token
+    return None
+
+
 def run_push(args: argparse.Namespace) -> int:
     """Handler of ``hf-fedlora push``; returns the exit status (0 pushed or already there)."""
     if not os.path.isdir(args.directory):
         raise AdapterError(f"'{args.directory}' is not a folder; pass the adapter folder to push.")
+    token = read_token(args)
     card_info = None
     if args.card_info:
         try:
@@ -78,7 +107,7 @@ def run_push(args: argparse.Namespace) -> int:
             args.directory,
             args.repo_id,
             args.round_index,
-            token=args.token,
+            token=token,
             private=args.private,
             endpoint=args.endpoint,
             card_info=card_info,
@@ -97,7 +126,7 @@ def run_push(args: argparse.Namespace) -> int:
         revision_tag=args.tag,
         commit_message=args.message,
         private=args.private,
-        token=args.token,
+        token=token,
         endpoint=args.endpoint,
         max_retries=args.max_retries,
     )

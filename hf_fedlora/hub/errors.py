@@ -54,4 +54,30 @@ def redact(text: str, token: object) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
-__all__ = ["HubPathError", "HubPushError", "is_repo_id", "redact"]
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def check_commit_sha(value: object, where: str) -> str:
+    """``value`` if it is a 40-hex commit id as the Hub answers them, else :class:`HubPathError`
+    (a server's answer is used in cache paths and tags: ``../x`` must never get there)."""
+    if not isinstance(value, str) or not _COMMIT_SHA.match(value):
+        raise HubPathError(
+            f"{where}: the server answered the commit id {value!r:.80}, not 40 hex digits; refusing it."
+        )
+    return value
+
+
+def redact_chain(exc: BaseException | None, token: object) -> None:
+    """Redact the token from the messages of ``exc`` and every exception chained to it
+    (``__cause__``/``__context__``), in place, so that no traceback can print it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 64:
+        seen.add(id(exc))
+        try:
+            exc.args = tuple(redact(a, token) if isinstance(a, str) else a for a in exc.args)
+        except (AttributeError, TypeError):  # pragma: no cover - exotic exception types
+            pass
+        exc = exc.__cause__ or exc.__context__
+
+
+__all__ = ["HubPathError", "HubPushError", "check_commit_sha", "is_repo_id", "redact", "redact_chain"]

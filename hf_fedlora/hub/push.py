@@ -17,7 +17,8 @@ from typing import Any
 
 from ..constants import MODEL_CARD_NAME, ROUND_TAG_FORMAT, __version__
 from ._retry import RetryError, describe, status_of, with_retries
-from .errors import HubPushError, redact
+from ._timeouts import ensure_timeouts
+from .errors import HubPushError, check_commit_sha, redact, redact_chain
 from .folders import collect_files, read_adapter_folder
 from .model_card import build_model_card
 
@@ -34,6 +35,7 @@ def round_tag(round_index: int) -> str:
 def _api(endpoint: str | None, token: str | bool | None):
     from huggingface_hub import HfApi
 
+    ensure_timeouts()
     return HfApi(endpoint=endpoint, token=token, library_name="hf-fedlora", library_version=__version__)
 
 
@@ -50,7 +52,8 @@ def existing_tag(api: Any, repo_id: str, tag: str, *, max_retries: int, token: o
     found = with_retries(refs, "listing tags", max_retries=max_retries, token=token)
     if found is None:
         return None
-    return next((t.target_commit for t in found.tags if t.name == tag), None)
+    target = next((t.target_commit for t in found.tags if t.name == tag), None)
+    return None if target is None else check_commit_sha(target, f"'{repo_id}', tag '{tag}'")
 
 
 def _failure(what: str, repo_id: str, error: RetryError, token: object, local: Path | None) -> HubPushError:
@@ -148,12 +151,13 @@ def _push_files(
                 )
                 contents[MODEL_CARD_NAME] = plain_card
                 return commit()
-            return info.oid
+            return check_commit_sha(info.oid, f"'{repo_id}', commit")
 
         sha = with_retries(commit, "commit", max_retries=max_retries, token=token)
         if tag is not None:
             _create_tag(api, repo_id, tag, sha, max_retries=max_retries, token=token)
     except RetryError as error:
+        redact_chain(error.last, token)
         raise _failure(what, repo_id, error, token, local) from error.last
     logger.info("pushed %s to '%s': commit %s%s", what, repo_id, sha[:7], f", tag {tag}" if tag else "")
     return sha
