@@ -2,11 +2,16 @@
 
 The core entry points::
 
-    from hf_fedlora import LoraAdapter, aggregate_adapters
+    from hf_fedlora import LoraAdapter, StreamingAggregator, aggregate_adapters
 
     global_adapter = aggregate_adapters(["clients/a", "clients/b"], strategy="replication")
     global_adapter.save_pretrained("global")          # loads with peft.PeftModel.from_pretrained
     client_view = global_adapter.to_rank(4, lora_alpha=8)
+
+    agg = StreamingAggregator("replication")      # the same merge, one reply at a time
+    for reply in replies:
+        agg.add(reply)
+    global_adapter = agg.result()
 """
 
 from .adapters import LoraAdapter, pull_round
@@ -25,6 +30,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .strategies import Strategy, get_strategy, list_strategies, register_strategy
+from .streaming import StreamingAggregator
 
 __all__ = [
     "AdapterError",
@@ -36,6 +42,7 @@ __all__ = [
     "NonFiniteTensorError",
     "RankMismatchError",
     "Strategy",
+    "StreamingAggregator",
     "UnknownStrategyError",
     "UnsafeFormatError",
     "UnsupportedAdapterError",

@@ -45,17 +45,34 @@ def resolve_weights(
             f"`{what}` has {len(values)} entries for {len(adapters)} clients; give one per client."
         )
     for adapter, value in zip(adapters, values):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise InvalidWeightsError(
-                f"{adapter.label}: `{what}` entry is {value!r}; every client's weight must be a finite positive number."
-            )
+        check_weight(adapter.label, what, value)
     tensor = torch.tensor(values, dtype=torch.float64)
     return (tensor / tensor.sum()).float()
+
+
+def check_weight(label: str, what: str, value: object) -> None:
+    """Refuse a client weight (or example count) that is not a finite positive number.
+
+    Raises:
+        InvalidWeightsError: naming the client (``label``) and the option (``what``).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidWeightsError(
+            f"{label}: `{what}` entry is {value!r}; every client's weight must be a finite positive number."
+        )
+
+
+def check_target_rank(target_rank: object) -> None:
+    """Refuse a ``target_rank`` that is not a positive integer (``AdapterError``)."""
+    if target_rank is not None and (
+        isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1
+    ):
+        raise AdapterError(f"`target_rank` must be a positive integer, got {target_rank!r}.")
 
 
 def _output_dtype(adapters: Sequence[LoraAdapter], dtype: torch.dtype | None) -> torch.dtype:
@@ -164,10 +181,7 @@ def aggregate_adapters(
     strategy = get_strategy(strategy)
     if not sources:
         raise AdapterError("`sources` is empty: pass at least one client adapter to aggregate.")
-    if target_rank is not None and (
-        isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1
-    ):
-        raise AdapterError(f"`target_rank` must be a positive integer, got {target_rank!r}.")
+    check_target_rank(target_rank)
     load = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
     adapters = [
         resolve_adapter(s, f"client {i} ({describe_source(s)})", **load) for i, s in enumerate(sources)

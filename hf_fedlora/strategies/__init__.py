@@ -1,10 +1,12 @@
 """Aggregation rules for heterogeneous-rank LoRA: one file per rule, one registry.
 
-Add a rule by subclassing :class:`Strategy`, decorating it with :func:`register_strategy`, and
-importing its module; ``aggregate_adapters(..., strategy="<name>")`` then finds it.
+Add a rule by subclassing :class:`Strategy` (implementing ``aggregate_module``, or the incremental
+``start``/``fold_in``/``finish``), decorating it with :func:`register_strategy`, and importing its
+module; ``aggregate_adapters(..., strategy="<name>")`` and ``StreamingAggregator("<name>")`` then
+find it.
 """
 
-from .base import ModuleInputs, Strategy
+from .base import ModuleInputs, ModuleStacks, Strategy
 from .fedavg import FedAvgStrategy
 from .flexlora import FlexLoraStrategy
 from .hetlora import HetLoraStrategy
@@ -18,6 +20,7 @@ __all__ = [
     "FlexLoraStrategy",
     "HetLoraStrategy",
     "ModuleInputs",
+    "ModuleStacks",
     "ReplicationStrategy",
     "StackingStrategy",
     "Strategy",

@@ -1,39 +1,62 @@
-"""Tensor helpers shared by the padding strategies (in-place accumulation, no padded copies)."""
+"""Running sums shared by the padding strategies: in-place accumulation, no padded copies, memory
+independent of the number of clients folded in."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
 
-def weighted_padded_sum(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], weights: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_k w_k pad(A_k)`` and ``sum_k w_k pad(B_k)``, every client zero-padded (or cut) to ``rank``."""
-    out_a = a[0].new_zeros(rank, a[0].shape[1])
-    out_b = b[0].new_zeros(b[0].shape[0], rank)
-    for w, ak, bk in zip(weights.tolist(), a, b):
-        r = min(ak.shape[0], rank)
-        out_a[:r].add_(ak[:r], alpha=w)
-        out_b[:, :r].add_(bk[:, :r], alpha=w)
-    return out_a, out_b
+class PaddedSums:
+    """``sum_k w_k pad(A'_k)`` and ``sum_k w_k pad(B'_k)`` over the clients folded in so far, and each
+    slot's owner weight ``sum_{k: r_k > i} w_k``.
 
+    The rank is ``target_rank`` when given (longer clients are cut), else the largest rank seen so
+    far: the sums grow (padded with zeros) when a client of a larger rank arrives.
+    """
 
-def slot_owner_weights(ranks: Sequence[int], weights: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[K, rank]`` matrix: ``w_k`` where client k owns slot i (``r_k > i``), else 0."""
-    owns = torch.arange(rank)[None, :] < torch.tensor(ranks)[:, None]
-    return owns.float() * weights[:, None]
+    def __init__(self, target_rank: int | None):
+        self.target_rank = target_rank
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.owner_weight = torch.zeros(0, dtype=torch.float64)
 
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else self.a.shape[0]
 
-def slotwise_padded_sum(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], share: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_k share[k, i] * a_{k,i}`` for every slot i (rows of A, columns of B), up to ``rank``."""
-    out_a = a[0].new_zeros(rank, a[0].shape[1])
-    out_b = b[0].new_zeros(b[0].shape[0], rank)
-    for k, (ak, bk) in enumerate(zip(a, b)):
-        r = min(ak.shape[0], rank)
-        out_a[:r].addcmul_(ak[:r], share[k, :r, None])
-        out_b[:, :r].addcmul_(bk[:, :r], share[k, None, :r])
-    return out_a, out_b
+    def reserve(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """Allocate or grow the sums for a client of these shapes; returns its slots that count."""
+        rank = self.target_rank or max(self.rank, a.shape[0])
+        if self.a is None:
+            self.a = a.new_zeros(rank, a.shape[1])
+            self.b = b.new_zeros(b.shape[0], rank)
+        elif rank > self.rank:
+            grow = rank - self.rank
+            self.a = torch.cat([self.a, self.a.new_zeros(grow, self.a.shape[1])], dim=0)
+            self.b = torch.cat([self.b, self.b.new_zeros(self.b.shape[0], grow)], dim=1)
+        if rank > self.owner_weight.shape[0]:
+            self.owner_weight = torch.cat(
+                [self.owner_weight, self.owner_weight.new_zeros(rank - self.owner_weight.shape[0])]
+            )
+        return min(a.shape[0], rank)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        """Fold ``weight * pad(a)``, ``weight * pad(b)`` in."""
+        r = self.reserve(a, b)
+        self.a[:r].add_(a[:r], alpha=weight)
+        self.b[:, :r].add_(b[:, :r], alpha=weight)
+        self.owner_weight[:r] += weight
+
+    def clear(self) -> None:
+        """Zero the sums, keeping their rank."""
+        if self.a is not None:
+            self.a.zero_()
+            self.b.zero_()
+        self.owner_weight.zero_()
+
+    def scaled(self, total: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums divided by ``total`` (in place; returned as is when ``total`` is 1)."""
+        if total != 1.0:
+            self.a.div_(total)
+            self.b.div_(total)
+        return self.a, self.b

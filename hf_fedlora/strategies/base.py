@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,14 +47,37 @@ class ModuleInputs:
         return max(self.ranks)
 
 
+@dataclass
+class ModuleStacks:
+    """The default running state of one module: every client's folded factors and raw weight, kept
+    until :meth:`Strategy.finish` hands them to :meth:`Strategy.aggregate_module` (memory grows with
+    the number of clients)."""
+
+    name: str
+    target_rank: int | None
+    a: list[torch.Tensor] = field(default_factory=list)
+    b: list[torch.Tensor] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
 class Strategy(ABC):
     """An aggregation rule for heterogeneous-rank LoRA, in the style of Flower's strategies.
 
     Subclasses set ``name`` (the registry key, equal to the file name), ``paper`` (a citation),
     ``supports_heterogeneous_ranks`` and ``send_back`` (how ``LoraAdapter.to_rank`` should give
     clients their view: ``"truncate"`` for rules whose slots are aligned across rounds, ``"svd"``
-    for rules that rebuild the basis), and implement :meth:`aggregate_module` as pure float32
-    tensor math. Register the class with :func:`hf_fedlora.strategies.register_strategy`.
+    for rules that rebuild the basis), and implement the rule as pure float32 tensor math, once,
+    in one of two forms:
+
+    - :meth:`aggregate_module`, every client's factors of one module at once; the incremental
+      interface then keeps each module's factor stacks until the end (:class:`ModuleStacks`);
+    - or the incremental interface :meth:`start`, :meth:`fold_in`, :meth:`finish` (running sums:
+      memory independent of the number of clients); :meth:`aggregate_module` then folds the given
+      clients in one by one.
+
+    ``aggregate_adapters`` calls :meth:`aggregate_module` per module; ``StreamingAggregator`` calls
+    the incremental interface as clients arrive. Register the class with
+    :func:`hf_fedlora.strategies.register_strategy`.
     """
 
     name: ClassVar[str]
@@ -77,9 +100,19 @@ class Strategy(ABC):
         """
         return self.propagates_non_finite and (target_rank is None or target_rank >= max(ranks))
 
-    @abstractmethod
+    @classmethod
+    def implements_rule(cls) -> bool:
+        """Whether the class implements the rule in one of the two forms (else the defaults would
+        call each other forever)."""
+        return cls.aggregate_module is not Strategy.aggregate_module or (
+            cls.fold_in is not Strategy.fold_in and cls.finish is not Strategy.finish
+        )
+
     def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge one module.
+
+        The default folds the clients in one by one with the incremental interface (weights
+        ``p_k`` as given, total 1).
 
         Args:
             inputs: the clients' folded factors and weights for this module.
@@ -87,6 +120,57 @@ class Strategy(ABC):
         Returns:
             ``(A, B)``, folded (scale 1), ``[R, in]`` and ``[out, R]`` for the rule's output rank ``R``.
         """
+        self._check_implemented()
+        state = self.start(inputs.name, inputs.target_rank)
+        for a, b, weight in zip(inputs.a, inputs.b, inputs.weights.tolist()):
+            self.fold_in(state, a, b, weight)
+        return self.finish(state, 1.0, inputs.previous)
+
+    def start(self, name: str, target_rank: int | None) -> Any:
+        """A fresh running state for module ``name`` (default: empty :class:`ModuleStacks`)."""
+        return ModuleStacks(name, target_rank)
+
+    def fold_in(self, state: Any, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        """Add one client's folded factors (``[r_k, in]``, ``[out, r_k]``, float32) to ``state``, with
+        its weight before normalisation (an example count, a given weight or 1). The default appends
+        them to the stacks."""
+        state.a.append(a)
+        state.b.append(b)
+        state.weights.append(weight)
+
+    def finish(
+        self,
+        state: Any,
+        total_weight: float,
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged ``(A, B)`` of the clients folded into ``state`` (which it may consume).
+
+        Args:
+            state: what :meth:`start` returned, after every :meth:`fold_in`.
+            total_weight: the sum of the weights folded in (normalise by it).
+            previous: last round's folded global ``(A, B)`` for this module, if any.
+
+        The default normalises the stacked weights as ``aggregate_adapters`` does (float64, then
+        float32) and calls :meth:`aggregate_module`.
+        """
+        self._check_implemented()
+        weights = torch.tensor(state.weights, dtype=torch.float64)
+        inputs = ModuleInputs(
+            name=state.name,
+            a=state.a,
+            b=state.b,
+            weights=(weights / weights.sum()).float(),
+            target_rank=state.target_rank,
+            previous=previous,
+        )
+        return self.aggregate_module(inputs)
+
+    def _check_implemented(self) -> None:
+        if not self.implements_rule():
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither `aggregate_module` nor `fold_in` and `finish`."
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -19,7 +19,12 @@ from .registry import register_strategy
 
 @register_strategy
 class FlexLoraStrategy(Strategy):
-    """Best rank-R approximation of ``sum_k p_k B'_k A'_k``, R = ``target_rank`` or ``max r_k``."""
+    """Best rank-R approximation of ``sum_k p_k B'_k A'_k``, R = ``target_rank`` or ``max r_k``.
+
+    Incremental: the default :class:`~hf_fedlora.strategies.ModuleStacks`; every client's folded
+    factors are kept until the end (memory grows with the number of clients: ``sum_k r_k (out + in)``
+    floats per module), since the SVD needs the whole sum.
+    """
 
     name = "flexlora"
     paper = "Bai et al., Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources (NeurIPS 2024)"

@@ -7,12 +7,21 @@ more (larger ``||B_k A_k||_F``) count more.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..linalg import update_norm
-from ._linalg import weighted_padded_sum
-from .base import ModuleInputs, Strategy
+from ._linalg import PaddedSums
+from .base import Strategy
 from .registry import register_strategy
+
+
+@dataclass
+class _NormWeightedSums:
+    sums: PaddedSums
+    weighted: bool = False  # whether a client with a non-zero update has been folded in
+    total: float = 0.0
 
 
 @register_strategy
@@ -20,7 +29,10 @@ class HetLoraStrategy(Strategy):
     """Zero-padding with weights ``w_k`` proportional to ``p_k * ||B'_k A'_k||_F`` (per module).
 
     With uniform ``p_k`` this is HetLoRA's rule; with example counts it also honours data size.
-    When every update is zero the weights fall back to ``p_k``.
+    When every update is zero the weights fall back to ``p_k``. Incremental: each client's norm is
+    known when it is folded in, so one running sum suffices (memory: the output); it holds the
+    ``p_k``-weighted sum until the first client with a non-zero update, then restarts with
+    ``p_k ||B'_k A'_k||_F`` weights.
     """
 
     name = "hetlora"
@@ -29,8 +41,26 @@ class HetLoraStrategy(Strategy):
     )
     propagates_non_finite = True
 
-    def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        norms = torch.stack([update_norm(a, b) for a, b in zip(inputs.a, inputs.b)])
-        weights = inputs.weights * norms
-        weights = weights / weights.sum() if weights.sum() > 0 else inputs.weights
-        return weighted_padded_sum(inputs.a, inputs.b, weights, inputs.target_rank or inputs.max_rank)
+    def start(self, name: str, target_rank: int | None) -> _NormWeightedSums:
+        return _NormWeightedSums(PaddedSums(target_rank))
+
+    def fold_in(self, state: _NormWeightedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        scaled = float(torch.tensor(weight, dtype=torch.float32) * update_norm(a, b))
+        if scaled > 0 and not state.weighted:  # the first non-zero update: norm weights from now on
+            state.sums.clear()
+            state.weighted, state.total = True, 0.0
+        if state.weighted:
+            weight = scaled
+        if weight > 0:
+            state.sums.add(a, b, weight)
+        else:
+            state.sums.reserve(a, b)  # counts for the output rank, adds nothing
+        state.total += weight
+
+    def finish(
+        self,
+        state: _NormWeightedSums,
+        total_weight: float,
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return state.sums.scaled(state.total)

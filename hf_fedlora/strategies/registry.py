@@ -17,7 +17,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
     Raises:
         StrategyRegistrationError: ``cls`` is not a ``Strategy``, its ``name`` is not lower-case
-            snake_case, the name is taken, or its ``send_back`` is not a ``SendBackMethod``.
+            snake_case, the name is taken, it implements no rule, or its ``send_back`` is not a ``SendBackMethod``.
     """
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise StrategyRegistrationError(f"{cls!r} is not a subclass of hf_fedlora.strategies.Strategy.")
@@ -29,6 +29,10 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     if name in _STRATEGIES and _STRATEGIES[name] is not cls:
         raise StrategyRegistrationError(
             f"a strategy named {name!r} is already registered ({_STRATEGIES[name].__name__}); choose another name."
+        )
+    if not cls.implements_rule():
+        raise StrategyRegistrationError(
+            f"{cls.__name__} must implement `aggregate_module`, or the incremental `fold_in` and `finish`."
         )
     try:
         check_send_back(cls.send_back, f"{cls.__name__}.send_back")

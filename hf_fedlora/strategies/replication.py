@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..linalg import pad_cols, pad_rows
-from ._linalg import slot_owner_weights, slotwise_padded_sum
-from .base import ModuleInputs, Strategy
+from ._linalg import PaddedSums
+from .base import Strategy
 from .registry import register_strategy
 
 
@@ -22,23 +22,34 @@ class ReplicationStrategy(Strategy):
 
     The output rank is ``target_rank`` if given, else the largest of the clients' ranks and the
     previous global rank. A slot that no client of this round owns keeps the previous global
-    adapter's value (``previous=``), else zero.
+    adapter's value (``previous=``), else zero. Incremental: running weighted sums and each slot's
+    owner weight (memory: the output), divided slot by slot at the end.
     """
 
     name = "replication"
     paper = "Byun & Lee, Towards Federated Low-Rank Adaptation of Language Models with Rank Heterogeneity (NAACL 2025)"
     propagates_non_finite = True
 
-    def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        previous_rank = inputs.previous[0].shape[0] if inputs.previous is not None else 0
-        rank = inputs.target_rank or max(inputs.max_rank, previous_rank)
-        owners = slot_owner_weights(inputs.ranks, inputs.weights, rank)  # [K, rank]
-        total = owners.sum(dim=0)
+    def start(self, name: str, target_rank: int | None) -> PaddedSums:
+        return PaddedSums(target_rank)
+
+    def fold_in(self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        state.add(a, b, weight)
+
+    def finish(
+        self,
+        state: PaddedSums,
+        total_weight: float,
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if state.target_rank is None and previous is not None and previous[0].shape[0] > state.rank:
+            state.reserve(*previous)  # grow to the previous rank
+        rank, total = state.rank, state.owner_weight.float()
         orphan = total == 0
-        share = owners / torch.where(orphan, torch.ones_like(total), total)
-        a, b = slotwise_padded_sum(inputs.a, inputs.b, share, rank)
-        if inputs.previous is not None and orphan.any():
-            prev_a, prev_b = pad_rows(inputs.previous[0], rank), pad_cols(inputs.previous[1], rank)
+        divisor = torch.where(orphan, torch.ones_like(total), total)
+        a, b = state.a.div_(divisor[:, None]), state.b.div_(divisor[None, :])
+        if previous is not None and orphan.any():
+            prev_a, prev_b = pad_rows(previous[0], rank), pad_cols(previous[1], rank)
             a = torch.where(orphan[:, None], prev_a, a)
             b = torch.where(orphan[None, :], prev_b, b)
         return a, b

@@ -18,7 +18,11 @@ from .registry import register_strategy
 
 @register_strategy
 class StackingStrategy(Strategy):
-    """Exact weighted sum of updates by concatenation; output rank ``sum_k r_k``."""
+    """Exact weighted sum of updates by concatenation; output rank ``sum_k r_k``.
+
+    Incremental: the default :class:`~hf_fedlora.strategies.ModuleStacks`; the stacked factors are
+    the output itself, so memory grows with the clients as the output does.
+    """
 
     name = "stacking"
     paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations (NeurIPS 2024)"

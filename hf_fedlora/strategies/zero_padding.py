@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import weighted_padded_sum
-from .base import ModuleInputs, Strategy
+from ._linalg import PaddedSums
+from .base import Strategy
 from .registry import register_strategy
 
 
 @register_strategy
 class ZeroPaddingStrategy(Strategy):
-    """``A = sum_k p_k pad(A'_k)``, ``B = sum_k p_k pad(B'_k)`` at rank ``target_rank`` or ``max r_k``."""
+    """``A = sum_k p_k pad(A'_k)``, ``B = sum_k p_k pad(B'_k)`` at rank ``target_rank`` or ``max r_k``.
+
+    Incremental: running weighted sums (memory: the output), normalised by the total weight at the end.
+    """
 
     name = "zero_padding"
     paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning (2024), as the zero-padding baseline"
     propagates_non_finite = True
 
-    def aggregate_module(self, inputs: ModuleInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        rank = inputs.target_rank or inputs.max_rank
-        return weighted_padded_sum(inputs.a, inputs.b, inputs.weights, rank)
+    def start(self, name: str, target_rank: int | None) -> PaddedSums:
+        return PaddedSums(target_rank)
+
+    def fold_in(self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        state.add(a, b, weight)
+
+    def finish(
+        self, state: PaddedSums, total_weight: float, previous=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return state.scaled(total_weight)

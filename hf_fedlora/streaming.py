@@ -1,0 +1,322 @@
+"""``StreamingAggregator``: merge clients' adapters one at a time, as their replies arrive.
+
+Each ``add`` reads one client once (checked as ``aggregate_adapters`` checks it), folds it into the
+strategy's running state, and lets it go; ``result()`` returns the same global adapter that
+``aggregate_adapters`` builds from the same sources and weights. Peak memory of the rules with
+running sums (``zero_padding``, ``replication``, ``hetlora``, ``fedavg``) is the output plus one
+client, however many clients are added; ``flexlora`` and ``stacking`` keep every client's folded
+factors until ``result()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from .adapters import LoraAdapter
+from .adapters.keys import bias_key, magnitude_key
+from .adapters.scaling import unit_scale_config
+from .adapters.sources import AdapterSource, describe_source, resolve_adapter
+from .adapters.validate import check_compatible
+from .aggregation import _check_ranks, check_target_rank, check_weight
+from .constants import __version__
+from .errors import AdapterError, InvalidWeightsError
+from .strategies import Strategy, get_strategy
+
+_MODES = {
+    "weights": "given a `weight`",
+    "num_examples": "weighted by example counts",
+    "uniform": "weighted uniformly (no `weight` and no example count)",
+}
+
+
+class _HeaderStore:
+    """Tensor names, shapes and dtypes of an adapter without its data: what the compatibility checks
+    and the output's layout need of the first client, so that client need not be kept."""
+
+    def __init__(self, adapter: LoraAdapter):
+        keys = [k for m in adapter.modules for k in adapter.layout.factor_keys(m)]
+        keys += [bias_key(m) for m in adapter.layout.biases]
+        keys += [magnitude_key(m) for m in adapter.layout.magnitudes] + list(adapter.extras)
+        self._headers = {k: (tuple(adapter.tensor_shape(k)), adapter.tensor_dtype(k)) for k in keys}
+
+    def keys(self) -> list[str]:
+        return sorted(self._headers)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._headers[key][0]
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return self._headers[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        raise KeyError(f"{key}: only the header of this adapter is kept")
+
+
+class _DenseSum:
+    """``sum_k w_k x_k`` of a dense tensor (a LoRA bias, a DoRA magnitude, an extra) in float32; for a
+    base embedding weight PEFT saved, also the first client's tensor while every client holds the same."""
+
+    def __init__(self, keep_identical: bool):
+        self.total: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+        self.identical = keep_identical
+
+    def add(self, value: torch.Tensor, weight: float) -> None:
+        if self.identical:
+            if self.first is None:
+                self.first = value
+            elif not torch.equal(self.first, value):
+                self.identical, self.first = False, None
+        value = value.float()
+        if self.total is None:
+            self.total = value * weight
+        else:
+            self.total.add_(value, alpha=weight)
+
+
+class _ClientData:
+    """Every tensor of one client, read once and checked finite: folded factors (float32), LoRA bias
+    updates (``s * bias``), DoRA magnitudes and extras, keyed as in the output."""
+
+    def __init__(self, adapter: LoraAdapter):
+        self.folded = {m: adapter.folded_factors(m) for m in adapter.modules}
+        self.dense: dict[str, torch.Tensor] = {}
+        for module in adapter.modules:
+            if module in adapter.layout.biases:
+                self.dense[bias_key(module)] = adapter.delta_bias(module)
+            if module in adapter.layout.magnitudes:
+                self.dense[magnitude_key(module)] = adapter.magnitude(module)
+        self.dense.update((key, adapter.extra(key)) for key in adapter.extras)
+        self.saved_embeddings = set(adapter.layout.saved_embeddings)
+
+
+class StreamingAggregator:
+    """Merge LoRA adapters of different ranks one client at a time.
+
+    ``add`` each reply as it arrives (a folder, a Hub id, a ``LoraAdapter`` or a ``peft.PeftModel``),
+    then call ``result()`` once::
+
+        agg = StreamingAggregator("replication", previous="round-0003")
+        for reply in replies:
+            agg.add(reply, num_examples=reply_count)
+        global_adapter = agg.result()
+
+    The result equals ``aggregate_adapters(sources, strategy, weights=..., num_examples=...)`` on the
+    accepted clients (up to float32 summation order). A source is read once, in ``add``, and not
+    kept. Every ``add`` checks its client as ``aggregate_adapters`` does (readable, finite,
+    compatible with ``previous`` when given, else with the first accepted client; equal ranks for
+    ``fedavg``) and raises the same errors, naming it ``client i (source)`` with ``i`` counting
+    every ``add`` call; a refused client leaves the running state unchanged, so the round can go on
+    without it.
+
+    Weights: a client's ``weight`` if given, else its example count (``num_examples``, or its
+    provenance file), else 1; they are normalised in ``result()``. Every client of a round is
+    weighted the same way as the first accepted one: a client given a ``weight`` among clients that
+    were not (or the reverse), or one without an example count among clients weighted by their
+    counts, is refused with ``InvalidWeightsError`` (``aggregate_adapters`` would instead fall back
+    to uniform weights for the whole round).
+
+    Memory: ``zero_padding``, ``replication``, ``hetlora`` and ``fedavg`` keep running sums, so the
+    peak is the output plus one client whatever the number of clients; ``flexlora`` and
+    ``stacking`` keep every client's folded factors (float32) until ``result()``; a rule of your own
+    keeps what its :meth:`~hf_fedlora.strategies.Strategy.start` / ``fold_in`` keep.
+
+    Args:
+        strategy: a registered name or a ``Strategy`` (default ``"replication"``).
+        target_rank, previous, dtype, token, cache_dir, allow_pickle, check_base_model: as for
+            :func:`~hf_fedlora.aggregate_adapters`; ``previous`` is opened here and read in ``result()``.
+
+    Raises:
+        AdapterError: an invalid ``target_rank`` (or any, for a rule whose rank grows with the
+            clients), an unknown strategy, or an unreadable ``previous``.
+    """
+
+    def __init__(
+        self,
+        strategy: str | Strategy = "replication",
+        *,
+        target_rank: int | None = None,
+        previous: AdapterSource | None = None,
+        dtype: torch.dtype | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        check_base_model: bool = True,
+    ):
+        self.strategy = get_strategy(strategy)
+        check_target_rank(target_rank)
+        if target_rank is not None and self.strategy.rank_grows_with_clients:
+            raise AdapterError(
+                f"strategy '{self.strategy.name}' outputs a rank that grows with the clients (sum of their "
+                f"ranks); `target_rank={target_rank}` is not supported. Use strategy 'flexlora' for a fixed rank."
+            )
+        self.target_rank, self.dtype, self.check_base_model = target_rank, dtype, check_base_model
+        self._load = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
+        self._previous = describe_source(previous) if previous is not None else None
+        self._prior = (
+            resolve_adapter(previous, f"previous global adapter ({self._previous})", **self._load)
+            if previous is not None
+            else None
+        )
+        self._first: LoraAdapter | None = None  # header only
+        self._mode: str | None = None
+        self._calls = 0
+        self._weights: list[float] = []
+        self._clients: list[dict[str, Any]] = []
+        self._dtypes: set[torch.dtype] = set()
+        self._states: dict[str, Any] = {}
+        self._dense: dict[str, _DenseSum] = {}
+        self._closed: str | None = None
+
+    @property
+    def num_clients(self) -> int:
+        """How many clients have been accepted so far."""
+        return len(self._clients)
+
+    def add(
+        self,
+        source: AdapterSource,
+        weight: float | None = None,
+        num_examples: int | None = None,
+    ) -> None:
+        """Check one client, read it once and fold it into the running state.
+
+        Args:
+            source: a PEFT folder, a Hub repo id, a ``LoraAdapter`` or a ``peft.PeftModel``.
+            weight: this client's weight (normalised in ``result()``).
+            num_examples: its example count, overriding its provenance file.
+
+        Raises:
+            AdapterError: (subclasses) as ``aggregate_adapters`` raises them, naming the client; the
+                running state is unchanged and later clients can still be added.
+        """
+        self._check_open()
+        label = f"client {self._calls} ({describe_source(source)})"
+        self._calls += 1
+        adapter = resolve_adapter(source, label, **self._load)
+        reference = self._prior or self._first
+        if reference is not None:
+            check_compatible([reference, adapter], check_base_model=self.check_base_model)
+        if self._first is not None:
+            _check_ranks([self._first, adapter], self.strategy)
+        value, count, mode = self._client_weight(adapter, weight, num_examples)
+        # read every tensor once and check every value before the running state changes
+        data = _ClientData(adapter)
+        record = {
+            "source": describe_source(source),
+            "ranks": sorted(set(adapter.ranks.values())),
+            "weight": value,
+            "num_examples": count,
+            "sha256": adapter.sha256(),
+        }
+        try:
+            self._fold_in(data, value)
+        except BaseException:
+            self._closed = f"folding in {label} failed half-way; start a new StreamingAggregator"
+            raise
+        if self._first is None:
+            self._first = LoraAdapter(adapter.config, _HeaderStore(adapter), label=label)
+        self._mode = mode
+        self._weights.append(value)
+        self._clients.append(record)
+        self._dtypes.add(adapter.dtype)
+
+    def _client_weight(
+        self, adapter: LoraAdapter, weight: float | None, num_examples: int | None
+    ) -> tuple[float, int | None, str]:
+        count = num_examples if num_examples is not None else adapter.num_examples
+        if weight is not None:
+            mode, value, what = "weights", weight, "weight"
+        elif num_examples is not None:
+            mode, value, what = "num_examples", num_examples, "num_examples"
+        elif count is not None and self._mode != "uniform":
+            mode, value, what = "num_examples", count, "num_examples from the provenance files"
+        else:
+            mode, value, what = "uniform", 1.0, "uniform"
+        check_weight(adapter.label, what, value)
+        if self._mode is not None and mode != self._mode:
+            raise InvalidWeightsError(
+                f"{adapter.label}: this client is {_MODES[mode]}, but the clients before it were "
+                f"{_MODES[self._mode]}. Weight every client of a round the same way (`weight=` for all, "
+                "`num_examples=` or provenance counts for all, or neither)."
+            )
+        return float(value), count, mode
+
+    def _fold_in(self, data: _ClientData, weight: float) -> None:
+        for module, (a, b) in data.folded.items():
+            if module not in self._states:
+                self._states[module] = self.strategy.start(module, self.target_rank)
+            self.strategy.fold_in(self._states[module], a, b, weight)
+        for key, value in data.dense.items():
+            self._dense_sum(key, key in data.saved_embeddings).add(value, weight)
+
+    def _dense_sum(self, key: str, keep_identical: bool = False) -> _DenseSum:
+        if key not in self._dense:
+            self._dense[key] = _DenseSum(keep_identical)
+        return self._dense[key]
+
+    def result(self) -> LoraAdapter:
+        """The global adapter of the clients accepted so far; the aggregator is closed afterwards.
+
+        Returns:
+            A ``LoraAdapter`` at scale 1 with a provenance record of every accepted client, as
+            ``aggregate_adapters`` returns it.
+
+        Raises:
+            AdapterError: no client was accepted, or ``result()`` was already called.
+        """
+        self._check_open()
+        if not self._clients:
+            raise AdapterError("no client adapter was accepted: add at least one before `result()`.")
+        self._closed = "`result()` was already called; start a new StreamingAggregator for the next round"
+        first, total = self._first, math.fsum(self._weights)
+        weights = torch.tensor(self._weights, dtype=torch.float64)
+        p = (weights / weights.sum()).float()
+        out_dtype = self.dtype or (next(iter(self._dtypes)) if len(self._dtypes) == 1 else torch.float32)
+        state: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        for module in first.modules:
+            previous = self._prior.folded_factors(module) if self._prior is not None else None
+            a, b = self.strategy.finish(self._states.pop(module), total, previous)
+            a_shape, b_shape = first.factor_shapes(module)
+            a_key, b_key = first.layout.factor_keys(module)
+            ranks[module] = a.shape[0]
+            state[a_key] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()
+            state[b_key] = b.reshape(b.shape[0], a.shape[0], *b_shape[2:]).to(out_dtype).contiguous()
+            for key in (bias_key(module), magnitude_key(module)):
+                if key in self._dense:
+                    state[key] = self._dense.pop(key).total.div_(total).to(out_dtype).contiguous()
+        for key in first.extras:
+            dense = self._dense.pop(key)
+            if dense.identical:
+                state[key] = dense.first.clone()
+            else:
+                state[key] = dense.total.div_(total).to(first.tensor_dtype(key) or torch.float32)
+        counts = [c["num_examples"] for c in self._clients]
+        provenance = {
+            "strategy": self.strategy.name,
+            "target_rank": self.target_rank,
+            "num_clients": len(self._clients),
+            "num_examples": sum(counts) if all(c is not None for c in counts) else None,
+            "clients": [{**c, "weight": float(w)} for c, w in zip(self._clients, p)],
+            "previous": self._previous,
+            "hf_fedlora_version": __version__,
+        }
+        config = unit_scale_config(first.config, ranks)
+        return LoraAdapter.from_state_dict(
+            config, state, label=f"global adapter ({self.strategy.name})", provenance=provenance
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AdapterError(f"this StreamingAggregator is closed: {self._closed}.")
+
+    def __repr__(self) -> str:
+        return f"StreamingAggregator(strategy={self.strategy.name!r}, clients={self.num_clients})"
+
+
+__all__ = ["StreamingAggregator"]
