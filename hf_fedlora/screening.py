@@ -88,6 +88,7 @@ def screen_clients(
     max_norm_ratio: float | None = None,
     clip_update_norm: float | None = None,
     check_base_model: bool = True,
+    reference: AdapterSource | None = None,
     **load_kwargs: Any,
 ) -> tuple[list[LoraAdapter], list[ClientVerdict]]:
     """Check every client of a round and keep the ones fit to aggregate.
@@ -103,6 +104,9 @@ def screen_clients(
         max_norm_ratio: bound relative to the round's median update norm (e.g. ``10.0``).
         clip_update_norm: clip larger updates to this norm instead of rejecting them.
         check_base_model: also reject clients whose ``base_model_name_or_path`` differs.
+        reference: what every client must be compatible with (the previous global adapter, or one
+            built from the federation's own LoRA config). Without it the first readable client is
+            the reference, so a hostile first client makes the honest ones look incompatible.
         **load_kwargs: passed to ``LoraAdapter.from_pretrained`` (``token``, ``allow_pickle``, ...).
 
     Returns:
@@ -117,14 +121,18 @@ def screen_clients(
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise AdapterError(f"`{name}` must be a finite positive number, got {value!r}.")
     verdicts, readable = [], {}
+    ref = (
+        resolve_adapter(reference, "the reference adapter", **load_kwargs) if reference is not None else None
+    )
     for index, source in enumerate(sources):
         label = f"client {index} ({describe_source(source)})"
         verdict = ClientVerdict(index=index, source=describe_source(source), accepted=False)
         verdicts.append(verdict)
         try:
             adapter = resolve_adapter(source, label, **load_kwargs)
-            if readable:
-                check_compatible([next(iter(readable.values())), adapter], check_base_model=check_base_model)
+            first = ref if ref is not None else next(iter(readable.values()), None)
+            if first is not None:
+                check_compatible([first, adapter], check_base_model=check_base_model)
             for key in adapter.extras:
                 adapter.extra(key)  # raises on NaN/Inf
             norm = adapter_update_norm(adapter)

@@ -202,3 +202,31 @@ def test_symlink_loop_folder_and_bounded_reads_name_the_client(tmp_path):
 
     with pytest.raises(hfl.AdapterFormatError, match="client 7, file 'fifo.json': is not a regular file"):
         read_small_text(tmp_path / "fifo.json", "client 7")
+
+
+def test_pull_refuses_a_tag_whose_commit_id_is_not_one_before_any_download(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_fedlora.hub import pull
+
+    class Server:
+        def list_repo_refs(self, repo_id):
+            return SimpleNamespace(tags=[SimpleNamespace(name="round-0001", target_commit="../../../tmp/x")])
+
+        def list_repo_files(self, *args, **kwargs):
+            pytest.fail("files were listed for an unchecked commit id")
+
+    monkeypatch.setattr(pull, "_api", lambda endpoint, token: Server())
+    with pytest.raises(HubPathError, match="user/fed@round-0001: the server answered the commit id"):
+        pull.download_round("user/fed", 1, max_retries=0)
+
+
+def test_screening_against_a_reference_does_not_trust_the_first_client(make_adapter):
+    hostile = make_adapter("hostile", 4, 8, seed=1, base_model_name_or_path="someone/other")
+    honest = [make_adapter(f"honest{i}", 4, 8, seed=i + 2) for i in range(2)]
+    reference = hfl.LoraAdapter.from_pretrained(make_adapter("previous", 4, 8, seed=7))
+    _, trusting = screen_clients([hostile, *honest])
+    assert [v.accepted for v in trusting] == [True, False, False]  # why a reference is needed
+    _, verdicts = screen_clients([hostile, *honest], reference=reference)
+    assert [v.accepted for v in verdicts] == [False, True, True]
+    assert "client 0" in verdicts[0].reason and "base_model_name_or_path" in verdicts[0].reason

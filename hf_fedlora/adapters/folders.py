@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
 from ..errors import AdapterFormatError, AdapterNotFoundError
-from ..hub.errors import is_repo_id
+from ..hub._timeouts import ensure_timeouts, hub_timeout
+from ..hub.errors import check_commit_sha, is_repo_id
 
 
 def split_revision(source: str, revision: str | None = None) -> tuple[str, str | None]:
@@ -84,7 +85,7 @@ def looks_local(text: str) -> bool:
 def _download(
     repo_id: str, revision: str | None, *, token, cache_dir, allow_pickle: bool, label: str
 ) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -95,9 +96,20 @@ def _download(
     patterns = [ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME]
     if allow_pickle:
         patterns.append(ADAPTER_PICKLE_NAME)
+    ensure_timeouts()
     try:
+        if (
+            not constants.HF_HUB_OFFLINE
+        ):  # the commit id the server answers must be one before it names a cache folder
+            info = HfApi().model_info(repo_id, revision=revision, token=token)
+            check_commit_sha(info.sha, label)
         folder = snapshot_download(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            etag_timeout=hub_timeout(),
         )
     except RevisionNotFoundError as exc:
         raise AdapterNotFoundError(

@@ -12,7 +12,8 @@ from pathlib import Path
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_SAFETENSORS_NAME, MODEL_CARD_NAME, PROVENANCE_NAME
 from ..errors import AdapterNotFoundError
 from ._retry import RetryError, describe, with_retries
-from .errors import HubPathError, redact
+from ._timeouts import hub_timeout
+from .errors import HubPathError, check_commit_sha, redact, redact_chain
 from .push import _api, round_tag
 
 _ROUND_TAG = re.compile(r"^round-(\d{4,})$")
@@ -110,9 +111,21 @@ def download_round(
     tag = round_tag(round_index)
     where = f"{repo_id}@{tag}"
     api = _api(endpoint, token)
+
+    def tag_commit() -> str | None:
+        found = api.list_repo_refs(repo_id)
+        return next((t.target_commit for t in found.tags if t.name == tag), None)
+
     try:
+        # the tag's commit, checked before it names anything in the cache; then everything by that id
+        sha = with_retries(tag_commit, "listing tags", max_retries=max_retries, token=token)
+        if sha is None:
+            raise AdapterNotFoundError(
+                f"{where}: the repo has no tag '{tag}'. Rounds on the Hub: use `hf_fedlora.hub.list_rounds('{repo_id}')`."
+            )
+        check_commit_sha(sha, where)
         names = with_retries(
-            lambda: api.list_repo_files(repo_id, revision=tag),
+            lambda: api.list_repo_files(repo_id, revision=sha),
             "listing files",
             max_retries=max_retries,
             token=token,
@@ -123,17 +136,19 @@ def download_round(
         folder = with_retries(
             lambda: snapshot_download(
                 repo_id,
-                revision=tag,
+                revision=sha,
                 token=token,
                 endpoint=endpoint,
                 cache_dir=cache_dir,
                 allow_patterns=wanted,
+                etag_timeout=hub_timeout(),
             ),
             "download",
             max_retries=max_retries,
             token=token,
         )
     except RetryError as error:
+        redact_chain(error.last, token)
         if isinstance(error.last, RevisionNotFoundError):
             raise AdapterNotFoundError(
                 f"{where}: the repo has no tag '{tag}'. Rounds on the Hub: use `hf_fedlora.hub.list_rounds('{repo_id}')`."

@@ -63,7 +63,7 @@ def _failure(what: str, repo_id: str, error: RetryError, token: object, local: P
     if isinstance(error.last, OfflineModeIsEnabled):
         fix = "Unset HF_HUB_OFFLINE (or set it to 0) to push."
     elif status in (401, 403):
-        fix = f"Check that your token has write access to '{repo_id.split('/')[0]}' (`huggingface-cli login` or HF_TOKEN)."
+        fix = f"Check that your token has write access to '{repo_id.split('/')[0]}' (`hf auth login` or HF_TOKEN)."
     elif status == 404:
         fix = "Check the repo id and the endpoint (HF_ENDPOINT)."
     else:
