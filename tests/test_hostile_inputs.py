@@ -230,3 +230,15 @@ def test_screening_against_a_reference_does_not_trust_the_first_client(make_adap
     _, verdicts = screen_clients([hostile, *honest], reference=reference)
     assert [v.accepted for v in verdicts] == [False, True, True]
     assert "client 0" in verdicts[0].reason and "base_model_name_or_path" in verdicts[0].reason
+
+
+def test_errors_about_an_in_memory_adapter_blame_no_file(make_adapter):
+    adapter = hfl.LoraAdapter.from_pretrained(make_adapter("a", 4, 8))
+    state = adapter.state_dict()
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    memory = hfl.LoraAdapter.from_state_dict(adapter.config, state, label="global adapter (replication)")
+    with pytest.raises(hfl.NonFiniteTensorError) as caught:
+        memory.lora_factors(key.removesuffix(".lora_A.weight"))
+    assert "global adapter (replication): tensor" in str(caught.value)
+    assert "adapter_model.safetensors" not in str(caught.value)
