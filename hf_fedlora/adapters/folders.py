@@ -9,7 +9,7 @@ from pathlib import Path
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_SAFETENSORS_NAME, PROVENANCE_NAME
 from ..errors import AdapterFormatError, AdapterNotFoundError
 from ..hub._timeouts import ensure_timeouts, hub_timeout
-from ..hub.errors import check_commit_sha, is_repo_id
+from ..hub.errors import check_commit_sha, is_repo_id, redact_chain
 
 
 def split_revision(source: str, revision: str | None = None) -> tuple[str, str | None]:
@@ -112,15 +112,18 @@ def _download(
             etag_timeout=hub_timeout(),
         )
     except RevisionNotFoundError as exc:
+        redact_chain(exc, token)
         raise AdapterNotFoundError(
             f"{label}: the Hub repo '{repo_id}' has no revision {revision!r}. List its round tags with "
             "`hf_fedlora.hub.list_rounds`."
         ) from exc
     except RepositoryNotFoundError as exc:
+        redact_chain(exc, token)
         raise AdapterNotFoundError(
             f"{label}: no local folder of that name and no Hub repo '{repo_id}' (or it is private: pass `token`)."
         ) from exc
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        redact_chain(exc, token)
         raise AdapterNotFoundError(
             f"{label}: no local folder of that name, and the Hub download failed ({type(exc).__name__}). "
             "Check the repo id, your connection and `HF_ENDPOINT`."

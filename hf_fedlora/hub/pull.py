@@ -78,6 +78,7 @@ def list_rounds(
     try:
         found = with_retries(refs, "listing tags", max_retries=max_retries, token=token)
     except RetryError as error:
+        redact_chain(error.last, token)
         raise AdapterNotFoundError(
             redact(
                 f"{repo_id}: cannot list its round tags ({describe(error.last, token)}). Check your connection and HF_ENDPOINT.",
