@@ -86,17 +86,16 @@ def _check_scales(config: LoraConfig, data: dict[str, Any], where: str) -> None:
     enough that ``sqrt(s)`` times a float32 factor can stay finite: folding must not overflow."""
     ranks = [config.r, *(config.rank_pattern or {}).values()]
     alphas = [config.lora_alpha, *(config.alpha_pattern or {}).values()]
-    for alpha in alphas:
-        for rank in ranks:
-            try:
-                scale = lora_scale(int(rank), float(alpha), bool(config.use_rslora))
-            except OverflowError:
-                scale = math.inf
-            if not math.isfinite(scale) or scale > MAX_SCALE:
-                raise AdapterFormatError(
-                    f"{where}: field `lora_alpha`/`alpha_pattern` {alpha!r:.40} with rank {rank!r:.40} gives the "
-                    f"scale {scale:.3g}, over {MAX_SCALE:.0e}: folding it into the factors overflows."
-                )
+    alpha, rank = max(alphas, key=float), min(ranks)  # the largest scale any module can get
+    try:
+        scale = lora_scale(int(rank), float(alpha), bool(config.use_rslora))
+    except OverflowError:
+        scale = math.inf
+    if not math.isfinite(scale) or scale > MAX_SCALE:
+        raise AdapterFormatError(
+            f"{where}: field `lora_alpha`/`alpha_pattern` {alpha!r:.40} with rank {rank!r:.40} gives the "
+            f"scale {scale:.3g}, over {MAX_SCALE:.0e}: folding it into the factors overflows."
+        )
 
 
 MAX_SCALE = 1e18
