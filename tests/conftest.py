@@ -121,12 +121,14 @@ def smollm2_tokenizer(request: pytest.FixtureRequest):
         pytest.skip(f"the embedded causal LM is not installed: `{embedded_llm.INSTALL_COMMAND}`")
     from transformers import AutoTokenizer
 
-    cached = request.config.cache.mkdir(f"smollm2_tokenizer_{embedded_llm.PACKAGE_VERSION}")
-    if (cached / "tokenizer.json").is_file():
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    cached = cache.mkdir(f"smollm2_tokenizer_{embedded_llm.PACKAGE_VERSION}") if cache is not None else None
+    if cached is not None and (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     folder, name = embedded_llm.embedded_gguf_file()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.save_pretrained(cached)
+    if cached is not None:
+        tokenizer.save_pretrained(cached)
     return tokenizer
 
 
