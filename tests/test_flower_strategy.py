@@ -188,7 +188,8 @@ def test_all_replies_bad_keeps_the_previous_global(make_adapter) -> None:
     for reply in replies:
         _break(reply, "nan")
     assert strategy.aggregate_train(1, replies) == (None, None)
-    assert strategy.global_adapter is not None and len(strategy.rounds) == 0
+    assert strategy.global_adapter is not None and strategy.rounds[0].global_adapter is None
+    assert [node for node, _ in strategy.rounds[0].rejected] == sorted(RANKS)
 
 
 def test_round_writer_saves_peft_rounds_and_metrics(make_adapter, tmp_path) -> None:

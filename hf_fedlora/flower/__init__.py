@@ -9,7 +9,8 @@ Server side::
 
     strategy = HeteroLoraStrategy(aggregation="replication", on_aggregate=RoundWriter("out"))  # round-NNNN/, metrics.jsonl
     arrays, adapter_config = adapter_to_records(initial_adapter)
-    strategy.start(grid, initial_arrays=arrays, train_config=ConfigRecord(dict(adapter_config)), num_rounds=10)
+    strategy.start(grid, initial_arrays=arrays, train_config=ConfigRecord(dict(adapter_config)), num_rounds=10,
+                   timeout=600)  # seconds a round waits for replies; missing nodes are logged, the round goes on
 
 Client side (inside ``@app.train()``)::
 
@@ -29,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..federation.rounds import RoundWriter
 from .client import client_view, train_reply
+from .collect import ReplyCollector
 from .records import (
     ADAPTER_CONFIG_KEYS,
     adapter_from_records,
@@ -42,6 +44,7 @@ __all__ = [
     "ADAPTER_CONFIG_KEYS",
     "SEND_BACK_KEY",
     "HeteroLoraStrategy",
+    "ReplyCollector",
     "RoundReplies",
     "RoundWriter",
     "adapter_from_records",

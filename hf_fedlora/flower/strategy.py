@@ -7,6 +7,11 @@ that assume equal shapes: ``configure_train`` sends every client the rank-``r_k`
 global adapter (``LoraAdapter.to_rank``), and ``aggregate_train`` merges the replies with
 :func:`hf_fedlora.aggregate_adapters` and any registered rule (``"replication"`` by default,
 Byun & Lee, NAACL 2025, https://arxiv.org/abs/2406.17477).
+
+Rounds survive lost nodes: ``start`` collects replies with a
+:class:`~hf_fedlora.flower.collect.ReplyCollector`, so a round whose nodes do not all answer within
+``timeout`` seconds goes on with the replies that came (at least ``min_train_replies`` of them),
+logs each missing node with its id, and the next round starts as usual.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..aggregation import aggregate_adapters
 from ..constants import SendBackMethod, check_send_back
 from ..errors import AdapterError
 from ..strategies import Strategy, get_strategy
+from .collect import ReplyCollector
 from .records import NUM_EXAMPLES_KEY, RANK_KEY, adapter_from_records, adapter_to_records
 
 SEND_BACK_KEY = "lora-send-back"
@@ -47,8 +53,10 @@ class RoundReplies:
         replies: their adapters, in the same order.
         num_examples: their example counts (``None`` where a reply gave none).
         previous: the global adapter the round started from.
-        global_adapter: the aggregate.
+        global_adapter: the aggregate (``None`` when the round kept the previous one).
         rejected: ``(node_id, reason)`` of every reply that was left out.
+        lost: ``(node_id, reason)`` of every sampled node whose reply did not come (timeout, error
+            reply such as "node unavailable").
     """
 
     server_round: int
@@ -58,6 +66,7 @@ class RoundReplies:
     previous: LoraAdapter | None = None
     global_adapter: LoraAdapter | None = None
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    lost: list[tuple[int, str]] = field(default_factory=list)
 
 
 class HeteroLoraStrategy(FedAvg):
@@ -75,7 +84,10 @@ class HeteroLoraStrategy(FedAvg):
     global adapter and takes its own view (see :func:`hf_fedlora.flower.client_view`).
 
     Replies that cannot be merged (missing fields, shapes that contradict the rank or the model,
-    NaN/Inf) are logged with the node id and left out; the round goes on with the others.
+    NaN/Inf) are logged with the node id and left out; the round goes on with the others. So are
+    nodes that do not reply within ``start``'s ``timeout`` (seconds per round) or whose reply is an
+    error (a SuperNode that died: the SuperLink answers "node unavailable" once its heartbeats stop).
+    With fewer than ``min_train_replies`` usable replies a round keeps the previous global adapter.
 
     Args:
         aggregation (`str` or `Strategy`, *optional*, defaults to ``"replication"``):
@@ -91,7 +103,10 @@ class HeteroLoraStrategy(FedAvg):
             in :attr:`rounds` (memory grows with clients x rounds; for tests and audits).
         on_aggregate (callable, *optional*): ``f(server_round, global_adapter, metrics)`` called after
             each aggregation, e.g. a :class:`hf_fedlora.flower.RoundWriter`.
-        **kwargs: ``FedAvg``'s arguments (``fraction_train``, ``min_train_nodes``, ...).
+        min_train_replies (`int`, *optional*, defaults to 1): usable replies a round needs to
+            aggregate; with fewer it keeps the previous global adapter (and the run goes on).
+        **kwargs: ``FedAvg``'s arguments (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``
+            (nodes that must be connected before a round samples), ...).
     """
 
     def __init__(
@@ -104,6 +119,7 @@ class HeteroLoraStrategy(FedAvg):
         alpha_ratio: float = 2.0,
         keep_replies: bool = False,
         on_aggregate: Callable[[int, LoraAdapter, MetricRecord | None], None] | None = None,
+        min_train_replies: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -114,6 +130,14 @@ class HeteroLoraStrategy(FedAvg):
             raise AdapterError(f"`alpha_ratio` must be positive, got {alpha_ratio!r}.")
         self.rank_allocation = rank_allocation
         self.alpha_ratio = float(alpha_ratio)
+        if (
+            isinstance(min_train_replies, bool)
+            or not isinstance(min_train_replies, int)
+            or min_train_replies < 1
+        ):
+            raise AdapterError(f"`min_train_replies` must be a positive int, got {min_train_replies!r}.")
+        self.min_train_replies = min_train_replies
+        self.collector: ReplyCollector | None = None
         self.keep_replies = keep_replies
         self.on_aggregate = on_aggregate
         self.global_adapter: LoraAdapter | None = None
@@ -125,6 +149,19 @@ class HeteroLoraStrategy(FedAvg):
         """Log the configuration."""
         super().summary()
         log(INFO, "\t└──> LoRA: aggregation '%s', send back '%s'", self.aggregation.name, self.send_back)
+
+    def start(
+        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs
+    ):
+        """Flower's ``Strategy.start``, collecting each round's replies with a :class:`ReplyCollector`.
+
+        Args:
+            timeout: seconds a round waits for its replies; nodes that have not replied by then are
+                logged as lost and the round goes on without them.
+            **kwargs: ``train_config``, ``evaluate_config``, ``evaluate_fn`` (see ``FedAvg.start``).
+        """
+        self.collector = grid if isinstance(grid, ReplyCollector) else ReplyCollector(grid)
+        return super().start(self.collector, initial_arrays, num_rounds=num_rounds, timeout=timeout, **kwargs)
 
     def _rank_for(self, node_id: int, server_round: int) -> int | None:
         allocation = self.rank_allocation
@@ -213,17 +250,28 @@ class HeteroLoraStrategy(FedAvg):
         if previous is None:
             raise RuntimeError("aggregate_train called before configure_train: no global adapter yet.")
         record = RoundReplies(server_round, previous=previous)
+        if self.collector is not None:
+            record.lost = sorted(self.collector.take_missing().items())
+        for node, reason in record.lost:
+            log(
+                WARNING, "aggregate_train: round %s goes on without node %s (%s).", server_round, node, reason
+            )
         accepted: list[tuple[int, LoraAdapter, RecordDict]] = []
         for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
             adapter = self._accept(msg, record, previous)
             if adapter is not None:
                 accepted.append((msg.metadata.src_node_id, adapter, msg.content))
-        if not accepted:
+        if len(accepted) < self.min_train_replies:
             log(
                 WARNING,
-                "aggregate_train: no valid reply in round %s. Keeping the previous global adapter.",
+                "aggregate_train: %s usable repl%s in round %s (fewer than min_train_replies=%s). "
+                "Keeping the previous global adapter.",
+                len(accepted),
+                "y" if len(accepted) == 1 else "ies",
                 server_round,
+                self.min_train_replies,
             )
+            self.rounds.append(RoundReplies(server_round, rejected=record.rejected, lost=record.lost))
             return None, None
         record.node_ids = [node for node, _, _ in accepted]
         record.replies = [adapter for _, adapter, _ in accepted]
@@ -242,9 +290,10 @@ class HeteroLoraStrategy(FedAvg):
         self.rounds.append(
             record
             if self.keep_replies
-            else RoundReplies(server_round, record.node_ids, rejected=record.rejected)
+            else RoundReplies(server_round, record.node_ids, rejected=record.rejected, lost=record.lost)
         )
         metrics = self._train_metrics([content for _, _, content in accepted], len(record.rejected))
+        metrics["clients-lost"] = len(record.lost)
         if counts is not None:
             metrics[self.weighted_by_key] = int(sum(counts))
         if self.on_aggregate is not None:

@@ -1,8 +1,12 @@
-"""ClientApp: train this client's rank-r LoRA view of the global adapter on its SST-2 shard.
+"""ClientApp: train this client's rank-r LoRA view of the global adapter on its shard.
+
+Training is the library's, as in the recipes: ``hf_fedlora.federation.train_client`` on the
+process's ``LocalTrainer`` (sequence classification) or ``CausalLMTrainer`` (``task = "instruct"``).
 
 A client's rank is its own budget: ``lora-rank`` in its node config (``flower-supernode
 --node-config "partition-id=0 num-partitions=4 lora-rank=8"``), else ``client-ranks[partition-id]``
-from the run config.
+from the run config. ``data-dir`` (and, for instruct, ``train-file``) in the node config point the
+node at its own data.
 """
 
 from __future__ import annotations
@@ -10,35 +14,48 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from task import lora_config, lora_model, load_split, model_path, run_config, train  # isort: skip
+import task  # isort: skip
 
 app = ClientApp()
 
 
 @app.train()
 def train_step(msg: Message, context: Context) -> Message:
-    from peft import set_peft_model_state_dict
-    from transformers import AutoTokenizer
-
-    from hf_fedlora import LoraAdapter
+    from hf_fedlora.federation import client_seed, train_client
     from hf_fedlora.flower import client_view, train_reply
+    from hf_fedlora.flower.strategy import SEND_BACK_KEY
 
-    config = run_config(context.run_config)
-    partition = int(context.node_config.get("partition-id", 0))
-    num_partitions = int(context.node_config.get("num-partitions", 1))
-    ranks = [int(r) for r in str(config["client-ranks"]).split(",")]
-    rank = int(context.node_config.get("lora-rank", ranks[partition % len(ranks)]))
-    alpha = 2.0 * rank
+    config = task.run_config(context.run_config)
+    node = dict(context.node_config)
+    partition = int(node.get("partition-id", 0))
+    num_partitions = int(node.get("num-partitions", 1))
+    ranks = task.client_ranks(config)
+    rank = int(node.get("lora-rank", ranks[partition % len(ranks)]))
+    alpha = 2.0 * rank  # the alpha of the views HeteroLoraStrategy sends (alpha_ratio 2)
+    server_round = int(msg.content["config"].get("server-round", 0))
 
     view = client_view(msg, rank=rank, lora_alpha=alpha)
-    model = lora_model(config, lora_config(config, rank, alpha))
-    set_peft_model_state_dict(model, view.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(model_path(config))
-    data = load_split(
-        config, "train", partition, num_partitions, limit=int(config["train-examples-per-client"])
+    data = task.load_data(config, node, num_partitions)
+    shard = task.client_shard(data, partition, num_partitions, int(config["seed"]))
+    adapter, metrics = train_client(
+        None,
+        view,
+        rank,
+        alpha,
+        shard,
+        task.client_arguments(config, alpha),
+        client_seed(int(config["seed"]), server_round, partition),
+        max_seq_length=task.max_length(config),
+        send_back=str(msg.content["config"].get(SEND_BACK_KEY, "truncate")),
+        trainer=task.trainer(config, data, alpha),
     )
-    loss = train(model, tokenizer, data, config)
-    adapter = LoraAdapter.from_peft_model(model)
     return train_reply(
-        msg, adapter, num_examples=len(data), metrics={"train-loss": loss, "rank": float(rank)}
+        msg,
+        adapter,
+        num_examples=len(shard),
+        metrics={
+            "train-loss": metrics["loss"],
+            "train-seconds": metrics["train_seconds"],
+            "rank": float(rank),
+        },
     )

