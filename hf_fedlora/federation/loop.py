@@ -134,12 +134,16 @@ def _train_my_clients(
 
 
 def _screen(
-    run: FederationRun, exchange: Path, sampled: list[int]
+    run: FederationRun, exchange: Path, sampled: list[int], previous: LoraAdapter
 ) -> tuple[list[LoraAdapter], list[DroppedClient]]:
-    """The round's usable client adapters, and who was dropped and why (``--on_bad_client``)."""
+    """The round's usable client adapters, and who was dropped and why (``--on_bad_client``).
+
+    Clients are checked against the previous global adapter, never against one another, so a
+    hostile first client cannot make the honest ones look incompatible."""
     fed = run.fed_args
     accepted, verdicts = screen_clients(
         [exchange / f"client-{c:04d}" for c in sampled],
+        reference=previous,
         max_update_norm=fed.max_update_norm,
         max_norm_ratio=fed.max_norm_ratio,
         clip_update_norm=fed.clip_update_norm,
@@ -217,7 +221,7 @@ def _server_round(
     round_start = seconds.pop("_start")
     start = time.perf_counter()
     sampled = sample_clients(run.fed_args.seed, rnd, run.fed_args.num_clients, run.fed_args.clients_per_round)
-    clients, dropped = _screen(run, exchange, sampled)
+    clients, dropped = _screen(run, exchange, sampled, previous)
     merged = _aggregate(run, clients, previous)
     merged.provenance.update(
         round=rnd, sampled_clients=sampled, dropped_clients=[d.to_dict() for d in dropped]
