@@ -83,7 +83,14 @@ class _ClientData:
     updates (``s * bias``), DoRA magnitudes and extras, keyed as in the output."""
 
     def __init__(self, adapter: LoraAdapter):
-        self.folded = {m: adapter.folded_factors(m) for m in adapter.modules}
+        self.folded = {}
+        for module in adapter.modules:
+            a, b = adapter.folded_factors(module, check_finite_values=False)
+            # NaN/Inf in the stored factors, or from folding the scale in, shows in the folded sums:
+            # one check per module; on failure the checked read raises aggregate_adapters' error
+            if not math.isfinite(float(a.sum()) + float(b.sum())):
+                adapter.folded_factors(module)
+            self.folded[module] = (a, b)
         self.dense: dict[str, torch.Tensor] = {}
         for module in adapter.modules:
             if module in adapter.layout.biases:

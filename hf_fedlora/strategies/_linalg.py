@@ -18,7 +18,7 @@ class PaddedSums:
         self.target_rank = target_rank
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
-        self.owner_weight = torch.zeros(0, dtype=torch.float64)
+        self._weight_by_rank: dict[int, float] = {}  # sum of w_k over clients with r_k = rank (cut)
 
     @property
     def rank(self) -> int:
@@ -34,25 +34,29 @@ class PaddedSums:
             grow = rank - self.rank
             self.a = torch.cat([self.a, self.a.new_zeros(grow, self.a.shape[1])], dim=0)
             self.b = torch.cat([self.b, self.b.new_zeros(self.b.shape[0], grow)], dim=1)
-        if rank > self.owner_weight.shape[0]:
-            self.owner_weight = torch.cat(
-                [self.owner_weight, self.owner_weight.new_zeros(rank - self.owner_weight.shape[0])]
-            )
         return min(a.shape[0], rank)
+
+    @property
+    def owner_weight(self) -> torch.Tensor:
+        """Each slot's owner weight ``sum_{k: r_k > i} w_k`` (float64, ``[rank]``)."""
+        out = torch.zeros(self.rank, dtype=torch.float64)
+        for r, weight in self._weight_by_rank.items():
+            out[:r] += weight
+        return out
 
     def add(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
         """Fold ``weight * pad(a)``, ``weight * pad(b)`` in."""
         r = self.reserve(a, b)
         self.a[:r].add_(a[:r], alpha=weight)
         self.b[:, :r].add_(b[:, :r], alpha=weight)
-        self.owner_weight[:r] += weight
+        self._weight_by_rank[r] = self._weight_by_rank.get(r, 0.0) + weight
 
     def clear(self) -> None:
         """Zero the sums, keeping their rank."""
         if self.a is not None:
             self.a.zero_()
             self.b.zero_()
-        self.owner_weight.zero_()
+        self._weight_by_rank.clear()
 
     def scaled(self, total: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The sums divided by ``total`` (in place; returned as is when ``total`` is 1)."""

@@ -45,7 +45,7 @@ class HetLoraStrategy(Strategy):
         return _NormWeightedSums(PaddedSums(target_rank))
 
     def fold_in(self, state: _NormWeightedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        scaled = float(torch.tensor(weight, dtype=torch.float32) * update_norm(a, b))
+        scaled = weight * float(update_norm(a, b))
         if scaled > 0 and not state.weighted:  # the first non-zero update: norm weights from now on
             state.sums.clear()
             state.weighted, state.total = True, 0.0
