@@ -25,7 +25,7 @@ try:
     import flwr  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        'hf_fedlora.flower needs Flower: pip install "hf-fedlora[flower]" (or pip install "flwr[simulation]>=1.20").'
+        'hf_fedlora.flower needs Flower: pip install "hf-fedlora[flower]" (or pip install "flwr[simulation]>=1.42,<1.43").'
     ) from exc
 
 from ..federation.rounds import RoundWriter
