@@ -56,6 +56,9 @@ class Preset:
     max_seconds: float
     peft_modules: dict[str, int]
     isolation: str
+    kind: str = "merge"
+    """``merge``: every strategy against the I/O floor, PEFT and a dense SVD; ``streaming``:
+    ``StreamingAggregator`` against ``aggregate_adapters`` on the same clients."""
 
     @property
     def signature(self) -> str:
@@ -334,7 +337,61 @@ def case_dense_svd(spec: dict) -> dict:
     }
 
 
-CASES = {"io_floor": case_io_floor, "strategy": case_strategy, "peft": case_peft, "dense_svd": case_dense_svd}
+def case_streaming(spec: dict) -> dict:
+    """One merge of ``spec["dirs"]``, as a list (``aggregate_adapters``) or streamed
+    (``StreamingAggregator.add`` per folder, then ``result``): wall time and peak memory, each
+    mode in its own interpreter so that the peaks do not mix."""
+    import torch
+
+    from hf_fedlora import StreamingAggregator, aggregate_adapters
+
+    dirs, name = spec["dirs"], spec["strategy"]
+    # the clients' matrices are tiny: on a shared CPU, torch's thread pool costs more than it gives
+    # (hetlora's Gram products took 10-25 ms each with 2 threads under load, 0.1 ms with one)
+    torch.set_num_threads(1)
+
+    def merge():
+        if spec["mode"] == "list":
+            return aggregate_adapters(dirs, strategy=name)
+        agg = StreamingAggregator(name)
+        for folder in dirs:
+            agg.add(folder)
+        return agg.result()
+
+    held: list = []
+    info: dict[str, Any] = {}
+
+    def release() -> None:
+        result = held.pop()
+        info.setdefault(
+            "output_bytes", sum(t.numel() * t.element_size() for t in result.state_dict().values())
+        )
+        del result
+        gc.collect()
+
+    base = max_rss_bytes()
+    with AnonPeakSampler() as sampler:
+        times = repeat_timed(
+            lambda: held.append(merge()), spec["repeats"], spec["max_seconds"], cleanup=release
+        )
+    return {
+        "mode": spec["mode"],
+        "time": summarize(times),
+        "peak_anon_delta": sampler.delta,
+        "peak_rss_delta": max_rss_bytes() - base,
+        "tensor_bytes": _tensor_bytes(dirs),
+        "torch_threads": torch.get_num_threads(),
+        **info,
+    }
+
+
+CASES = {
+    "streaming": case_streaming,
+    "io_floor": case_io_floor,
+    "strategy": case_strategy,
+    "peft": case_peft,
+    "dense_svd": case_dense_svd,
+}
 
 
 def run_case(spec: dict) -> dict:

@@ -9,6 +9,7 @@ stated sample of modules, extrapolated) and FlexLoRA's factored SVD against a de
 
     python benchmarks/bench_aggregation.py --preset quick          # a few minutes
     python benchmarks/bench_aggregation.py --preset full --keep    # 32 layers, 10 and 50 clients
+    python benchmarks/bench_aggregation.py --preset streaming      # StreamingAggregator vs the list, 10-1,000 clients
     python benchmarks/bench_aggregation.py --report-only           # rewrite the page from the JSON
 
 Presets are ``configs/aggregation_<preset>.yaml``; the cases are in ``aggregation_cases.py``, the
@@ -49,7 +50,11 @@ def run_case(spec: dict, isolation: str) -> dict:
 
 
 def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> list[dict]:
-    """Every case of a preset, in the order they run."""
+    """Every case of a preset, in the order they run (a ``streaming`` preset: each strategy for
+    heterogeneous ranks whose rank does not grow with the clients, as a list and streamed, at each
+    client count)."""
+    from hf_fedlora import get_strategy
+
     common = {
         "repeats": preset.repeats,
         "max_seconds": preset.max_seconds,
@@ -58,6 +63,17 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
         "num_modules": preset.num_modules,
     }
     cases = []
+    if preset.kind == "streaming":
+        for n in preset.clients:
+            mixed = input_dirs(root, preset, "mixed", n)
+            for name in strategies:
+                rule = get_strategy(name)  # stacking's rank would pass the layer's size: not a LoRA
+                if rule.rank_grows_with_clients or not rule.supports_heterogeneous_ranks:
+                    continue
+                for mode in ("list", "stream"):
+                    case = {**common, "kind": "streaming", "strategy": name, "set": "mixed", "n": n}
+                    cases.append({**case, "combination": mode, "mode": mode, "dirs": mixed})
+        return cases
     for n in preset.clients:
         mixed = input_dirs(root, preset, "mixed", n)
         equal = input_dirs(root, preset, "equal", n) if "fedavg" in strategies else None
@@ -134,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         report = json.loads((args.out / "aggregation.json").read_text())
         for run in report.get("presets", {}).values():
-            run["notes"] = report_aggregation.NOTES
+            streaming = run["preset"].get("kind") == "streaming"
+            run["notes"] = report_aggregation.STREAMING_NOTES if streaming else report_aggregation.NOTES
         report_aggregation.write_pages(args.out, report)
         return report
 
@@ -200,9 +217,14 @@ def write_report(
         "strategies": strategies,
         "cases": done,
     }
-    run["summary"] = report_aggregation.summarize_run(run["preset"], done)
     out.mkdir(parents=True, exist_ok=True)
-    run["plots"] = report_aggregation.plot(run, out)
+    if preset.kind == "streaming":
+        run["notes"] = report_aggregation.STREAMING_NOTES
+        run["summary"] = report_aggregation.summarize_streaming(done)
+        run["plots"] = report_aggregation.plot_streaming(run, out)
+    else:
+        run["summary"] = report_aggregation.summarize_run(run["preset"], done)
+        run["plots"] = report_aggregation.plot(run, out)
     json_path = out / "aggregation.json"
     report = json.loads(json_path.read_text()) if json_path.is_file() else {}
     report.setdefault("presets", {})[preset.name] = run

@@ -68,7 +68,7 @@ def test_smoke_renders_markdown_and_plots(smoke_report: dict) -> None:
 def test_presets_are_yaml_files_that_set_every_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bench = load_benchmark("bench_aggregation")
     common = sys.modules["_common"]
-    assert common.preset_names("aggregation") == ["full", "quick", "smoke"]
+    assert common.preset_names("aggregation") == ["full", "quick", "smoke", "streaming"]
     full = common.load_preset(bench.Preset, "aggregation", "full")
     assert (full.layers, full.clients, full.ranks, full.max_seconds) == (32, (10, 50), (8, 16, 32, 64), 45)
     assert list(full.peft_modules.items()) == [("svd", 1), ("cat", 4)] and full.num_modules == 128
@@ -80,3 +80,24 @@ def test_presets_are_yaml_files_that_set_every_field(tmp_path: Path, monkeypatch
     (tmp_path / "aggregation_typo.yaml").write_text(text.replace("layers: 32", "layers: '32'"))
     with pytest.raises(ValueError, match="`layers` should be int, got '32'"):
         common.load_preset(bench.Preset, "aggregation", "typo")
+
+
+def test_streaming_preset_compares_stream_and_list(tmp_path: Path) -> None:
+    from hf_fedlora import get_strategy, list_strategies
+
+    out, data = tmp_path / "results", tmp_path / "data"
+    argv = ["--preset", "streaming", "--clients", "2", "3", "--layers", "1", "--repeats", "1"]
+    argv += ["--isolation", "inprocess", "--out", str(out), "--data-dir", str(data)]
+    run = load_benchmark("bench_aggregation").main(argv)
+    heterogeneous = [
+        s
+        for s in list_strategies()
+        if get_strategy(s).supports_heterogeneous_ranks and not get_strategy(s).rank_grows_with_clients
+    ]
+    rows = run["summary"]["rows"]
+    assert sorted((r["n"], r["strategy"]) for r in rows) == [(n, s) for n in (2, 3) for s in heterogeneous]
+    for row in rows:
+        assert row["ratio_time_min"] > 0 and row["output_bytes"] > 0 and row["stream_peak_anon"] >= 0
+    page = (out / "aggregation.md").read_text()
+    assert "## Preset `streaming`: streaming vs list" in page and "stream / list" in page
+    assert (out / run["plots"][0]).stat().st_size > 1000
