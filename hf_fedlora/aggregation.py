@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -44,27 +45,29 @@ def resolve_weights(
         raise InvalidWeightsError(
             f"`{what}` has {len(values)} entries for {len(adapters)} clients; give one per client."
         )
-    for adapter, value in zip(adapters, values):
-        check_weight(adapter.label, what, value)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    checked = [check_weight(adapter.label, what, value) for adapter, value in zip(adapters, values)]
+    tensor = torch.tensor(checked, dtype=torch.float64)
+    tensor = tensor / tensor.max()  # first, so that a sum of huge weights cannot overflow to inf
     return (tensor / tensor.sum()).float()
 
 
-def check_weight(label: str, what: str, value: object) -> None:
-    """Refuse a client weight (or example count) that is not a finite positive number.
+def check_weight(label: str, what: str, value: object) -> float:
+    """A client weight (or example count) as a float: a finite positive real number, given as a
+    Python, NumPy or 0-d torch scalar.
 
     Raises:
         InvalidWeightsError: naming the client (``label``) and the option (``what``).
     """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    number = value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        number = value.item()
+    if not isinstance(number, bool) and isinstance(number, numbers.Real):
+        number = float(number)
+    if not isinstance(number, float) or not math.isfinite(number) or number <= 0:
         raise InvalidWeightsError(
             f"{label}: `{what}` entry is {value!r}; every client's weight must be a finite positive number."
         )
+    return number
 
 
 def check_target_rank(target_rank: object) -> None:

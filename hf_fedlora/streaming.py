@@ -244,14 +244,14 @@ class StreamingAggregator:
             mode, value, what = "num_examples", count, "num_examples from the provenance files"
         else:
             mode, value, what = "uniform", 1.0, "uniform"
-        check_weight(adapter.label, what, value)
+        value = check_weight(adapter.label, what, value)
         if self._mode is not None and mode != self._mode:
             raise InvalidWeightsError(
                 f"{adapter.label}: this client is {_MODES[mode]}, but the clients before it were "
                 f"{_MODES[self._mode]}. Weight every client of a round the same way (`weight=` for all, "
                 "`num_examples=` or provenance counts for all, or neither)."
             )
-        return float(value), count, mode
+        return value, count, mode
 
     def _fold_in(self, data: _ClientData, weight: float) -> None:
         for module, (a, b) in data.folded.items():

@@ -242,3 +242,29 @@ def test_errors_about_an_in_memory_adapter_blame_no_file(make_adapter):
         memory.lora_factors(key.removesuffix(".lora_A.weight"))
     assert "global adapter (replication): tensor" in str(caught.value)
     assert "adapter_model.safetensors" not in str(caught.value)
+
+
+def test_huge_weights_are_normalised_without_overflow(make_adapter):
+    """Weights whose sum overflows (``[1e308, 1e308]``) used to give an all-zero merge."""
+    import numpy as np
+
+    folders_ = [make_adapter("w0", 2, 4, seed=1), make_adapter("w1", 4, 8, seed=2)]
+    reference = hfl.aggregate_adapters(folders_, "replication", weights=[1.0, 3.0])
+    for weights in ([5e307, 1.5e308], [1e-300, 3e-300]):  # the first pair sums past float max
+        merged = hfl.aggregate_adapters(folders_, "replication", weights=weights)
+        for module in reference.modules:
+            torch.testing.assert_close(merged.delta_weight(module), reference.delta_weight(module))
+            assert torch.count_nonzero(merged.delta_weight(module)) > 0
+    streamed = hfl.StreamingAggregator("replication")
+    for folder, weight in zip(folders_, [np.float32(1.0), torch.tensor(3.0)]):
+        streamed.add(folder, weight=weight)  # NumPy and torch scalars are numbers too
+    result = streamed.result()
+    for module in reference.modules:
+        torch.testing.assert_close(result.delta_weight(module), reference.delta_weight(module))
+
+
+@pytest.mark.parametrize("weight", [float("nan"), -1.0, 0, True, "1", torch.tensor([1.0, 2.0])])
+def test_a_weight_that_is_not_a_finite_positive_number_is_refused_naming_the_client(make_adapter, weight):
+    folders_ = [make_adapter("v0", 2, 4, seed=1), make_adapter("v1", 4, 8, seed=2)]
+    with pytest.raises(hfl.InvalidWeightsError, match=r"client 1 .*`weights` entry"):
+        hfl.aggregate_adapters(folders_, "replication", weights=[1.0, weight])

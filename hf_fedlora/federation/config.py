@@ -219,7 +219,7 @@ class FederationArguments:
     )
     hub_private: bool = _help("Create the Hub repo as private.", default=False)
     hub_token: str | None = _help(
-        "Hub token (default: HF_TOKEN or the `huggingface-cli login` token). Never logged.", default=None
+        "Hub token (default: HF_TOKEN or the `hf auth login` token). Never logged.", default=None
     )
 
     def __post_init__(self) -> None:
