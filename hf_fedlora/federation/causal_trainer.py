@@ -68,6 +68,8 @@ class CausalLMTrainer(LocalTrainer):
         cache_dir (`str`, *optional*): where the embedded model is converted (default its own cache).
     """
 
+    peft_task_type = "CAUSAL_LM"
+
     def __init__(
         self,
         model_name_or_path: str | None = None,
@@ -114,19 +116,6 @@ class CausalLMTrainer(LocalTrainer):
             f"loaded '{model_name_or_path}' on {self.device} in {self.dtype} (LoRA weights in float32)"
         )
         self.model: Any = None  # the PeftModel, created with the first adapter slot
-
-    def lora_config(self, rank: int) -> Any:
-        """The ``LoraConfig`` of a client of rank ``rank`` (``task_type="CAUSAL_LM"``)."""
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=rank,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            use_rslora=self.use_rslora,
-            target_modules=self.target_modules,
-            task_type="CAUSAL_LM",
-        )
 
     def _batch(
         self, split: InstructSplit, indices: Sequence[int], max_length: int

@@ -86,6 +86,8 @@ class LocalTrainer:
             predicts (the recipe passes ``Accelerator().device``). Adapters always come back on the CPU.
     """
 
+    peft_task_type = "SEQ_CLS"
+
     def __init__(
         self,
         model_name_or_path: str | None,
@@ -142,7 +144,7 @@ class LocalTrainer:
         self.model: Any = None  # the PeftModel, created with the first adapter slot
 
     def lora_config(self, rank: int) -> Any:
-        """The ``LoraConfig`` of a client of rank ``rank``."""
+        """The ``LoraConfig`` of a client of rank ``rank`` (PEFT task type :attr:`peft_task_type`)."""
         from peft import LoraConfig
 
         return LoraConfig(
@@ -151,7 +153,7 @@ class LocalTrainer:
             lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
             target_modules=self.target_modules,
-            task_type="SEQ_CLS",
+            task_type=self.peft_task_type,
         )
 
     def _slot(self, rank: int) -> str:
