@@ -21,6 +21,7 @@ from testing_utils import (
     RECIPE,
     REPO_ROOT,
     adapter_tensors,
+    killed_before_recording_round,
     load_recipe,
     read_metrics,
     recipe_args,
@@ -117,22 +118,11 @@ def test_a_run_saved_before_an_option_existed_resumes(baseline, tiny_model_dir, 
 def test_resume_after_interruption_equals_uninterrupted_run(
     baseline, tiny_model_dir, shared_data, tmp_path, monkeypatch
 ):
-    import hf_fedlora.federation.rounds as rounds
-
     out = tmp_path / "interrupted"
-    real_append = rounds.append_record
-
-    def crash_in_round_two(output_dir, record):
-        if record.round == 2:  # round-0002/ is written, its JSONL line and state are not
-            raise KeyboardInterrupt("simulated kill")
-        real_append(output_dir, record)
-
-    monkeypatch.setattr(rounds, "append_record", crash_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_recording_round(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run_recipe(recipe_args(tiny_model_dir, shared_data, out))
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
     assert (out / "round-0002").is_dir()
-    monkeypatch.setattr(rounds, "append_record", real_append)
 
     run_recipe(recipe_args(tiny_model_dir, shared_data, out, resume=True))
     # Equal up to CPU thread-scheduling noise (two identical fresh runs on a loaded machine differ

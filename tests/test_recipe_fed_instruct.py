@@ -28,6 +28,7 @@ from testing_utils import (
     REPO_ROOT,
     adapter_tensors,
     instruct_recipe_args,
+    killed_before_recording_round,
     load_instruct_recipe,
     read_metrics,
     run_instruct_recipe,
@@ -127,21 +128,10 @@ def test_two_round_run_records_round_zero_and_writes_loadable_causal_adapters(
 def test_resume_after_round_one_equals_uninterrupted_run(
     instruct_baseline, tiny_llama_dir, shared_data, tmp_path, monkeypatch
 ):
-    import hf_fedlora.federation.rounds as rounds
-
     out = tmp_path / "interrupted"
-    real_append = rounds.append_record
-
-    def crash_in_round_two(output_dir, record):
-        if record.round == 2:  # round-0002/ is written, its JSONL line and state are not
-            raise KeyboardInterrupt("simulated kill")
-        real_append(output_dir, record)
-
-    monkeypatch.setattr(rounds, "append_record", crash_in_round_two)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_recording_round(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run_instruct_recipe(instruct_recipe_args(tiny_llama_dir, shared_data, out))
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
-    monkeypatch.setattr(rounds, "append_record", real_append)
 
     result = run_instruct_recipe(instruct_recipe_args(tiny_llama_dir, shared_data, out, resume=True))
     assert [r.round for r in result.records] == [0, 1, 2]

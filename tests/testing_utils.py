@@ -11,6 +11,7 @@ never from ``conftest``. Fixtures live in ``conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -213,3 +214,23 @@ def run_instruct_recipe(argv: list[str]):
     """Parse ``argv`` and run ``recipes/fed_instruct.py`` in this process; returns what its ``main`` returns."""
     recipe = load_instruct_recipe()
     return recipe.main(*recipe.parse(argv))
+
+
+@contextlib.contextmanager
+def killed_before_recording_round(monkeypatch, round_index: int):
+    """Inside the block, a run dies (``KeyboardInterrupt``) right after writing ``round-NNNN/`` of
+    ``round_index`` and before its ``metrics.jsonl`` line and ``state.json``: the worst moment to resume from."""
+    import hf_fedlora.federation.rounds as rounds
+
+    real_append = rounds.append_record
+
+    def crash(output_dir, record):
+        if record.round == round_index:
+            raise KeyboardInterrupt("simulated kill")
+        real_append(output_dir, record)
+
+    monkeypatch.setattr(rounds, "append_record", crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(rounds, "append_record", real_append)
