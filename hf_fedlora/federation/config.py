@@ -120,6 +120,20 @@ class ClientArguments:
     target_modules: list[str] = _help(
         "Module names LoRA adapts (PEFT `target_modules`).", default_factory=lambda: ["query", "value"]
     )
+    nested_rank: bool = _help(
+        "Nested-rank local training: at each step sample a truncation rank t and mask the LoRA slots >= t, so "
+        "slot i means the same on every client and the first slots carry the most (docs/aggregation.md).",
+        default=False,
+    )
+    nested_rank_distribution: str = _help(
+        "`nested_rank`: how t is drawn: `uniform` (1..r) or `geometric` (1 + Geometric(2/r), capped at r).",
+        default="uniform",
+    )
+    revive_zero_slots: bool = _help(
+        "Give slots of the received global adapter that are exactly zero (A and B) PEFT's initialisation "
+        "before training (zero-padding's dead slots become trainable again; the update is unchanged).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or (self.local_steps == 0 and self.local_epochs <= 0):
