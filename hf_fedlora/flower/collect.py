@@ -5,7 +5,9 @@ that dies in the middle of a round never replies: the SuperLink notices only whe
 stop (about a minute), then answers for it with a "node unavailable" error. :class:`ReplyCollector`
 wraps the ``ServerApp``'s grid so that a round
 
-- pulls replies as they come (``Grid.push_messages`` / ``Grid.pull_messages``),
+- pulls replies as they come (``Grid.push_messages`` / ``Grid.pull_messages``) and, with an
+  ``on_reply`` hook, hands each to it as soon as it is pulled, one at a time: a hook that consumes
+  the reply (returns ``None``) means the server never holds more than one reply,
 - stops at ``timeout`` seconds and goes on with the replies it has, logging every node without a
   reply (with its id and why) and keeping them in :attr:`ReplyCollector.missing`,
 - does not wait long for a node that already missed a deadline: once every other node has
@@ -19,7 +21,7 @@ wraps the ``ServerApp``'s grid so that a round
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from logging import WARNING
 
 from flwr.app import Message
@@ -38,6 +40,12 @@ class ReplyCollector(Grid):
     Args:
         grid: the ``ServerApp``'s grid.
         poll_interval: seconds between two pulls of the pending replies.
+        on_reply: ``f(reply) -> reply | None``, called with every reply as it is pulled (error replies
+            included); what it returns is what ``send_and_receive`` returns for it (``None``: nothing,
+            the hook consumed it). :class:`~hf_fedlora.flower.HeteroLoraStrategy` sets it to fold
+            train replies into the round's merge.
+        pull_batch: at most this many replies are pulled (and held) at once; default 1 with a hook
+            (one request to the SuperLink per pending reply and poll), else every pending reply.
 
     Attributes:
         missing: ``{node_id: reason}`` of the nodes whose reply did not come (or came as an error) in
@@ -45,9 +53,18 @@ class ReplyCollector(Grid):
         suspects: nodes that missed a deadline and have not replied since.
     """
 
-    def __init__(self, grid: Grid, *, poll_interval: float = POLL_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        poll_interval: float = POLL_INTERVAL_S,
+        on_reply: Callable[[Message], Message | None] | None = None,
+        pull_batch: int | None = None,
+    ) -> None:
         self.grid = grid
         self.poll_interval = poll_interval
+        self.on_reply = on_reply
+        self.pull_batch = pull_batch
         self.missing: dict[int, str] = {}
         self.suspects: set[int] = set()
 
@@ -91,8 +108,8 @@ class ReplyCollector(Grid):
 
         Returns:
             The replies that came, error replies included (e.g. the SuperLink's "node unavailable"
-            for a node that stopped sending heartbeats). Nodes without a usable reply are logged and
-            recorded in :attr:`missing`.
+            for a node that stopped sending heartbeats), or what ``on_reply`` returned for them.
+            Nodes without a usable reply are logged and recorded in :attr:`missing`.
         """
         messages = list(messages)
         if not messages:
@@ -111,15 +128,18 @@ class ReplyCollector(Grid):
         replies: list[Message] = []
         healthy_done: float | None = None
         while pending:
-            for reply in self.grid.pull_messages(list(pending)):
+            for reply in self._pull(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
-                replies.append(reply)
                 if reply.has_error():
                     self._lose(node, f"error reply: {reply.error.reason}")
                 else:
                     self.suspects.discard(node)
+                kept = reply if self.on_reply is None else self.on_reply(reply)
+                del reply  # with a hook that consumed it, the reply is freed before the next pull
+                if kept is not None:
+                    replies.append(kept)
             now = time.monotonic()
             if not pending or now >= deadline:
                 break
@@ -137,6 +157,12 @@ class ReplyCollector(Grid):
             self._lose(node, why)
             self.suspects.add(node)
         return replies
+
+    def _pull(self, message_ids: list[str]) -> Iterator[Message]:
+        """The replies to ``message_ids`` that came, pulled ``pull_batch`` ids at a time."""
+        size = self.pull_batch or (1 if self.on_reply is not None else max(len(message_ids), 1))
+        for start in range(0, len(message_ids), size):
+            yield from self.grid.pull_messages(message_ids[start : start + size])
 
     def _lose(self, node: int, reason: str) -> None:
         self.missing[node] = reason

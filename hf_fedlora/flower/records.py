@@ -20,17 +20,20 @@ declared rank, NaN/Inf) and raises an ``AdapterError`` that names the sender and
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from peft import LoraConfig
 
 from ..adapters import LoraAdapter
 from ..adapters.keys import lora_a_key, lora_b_key
 from ..adapters.validate import check_finite, lora_config_from_dict
-from ..errors import AdapterFormatError
+from ..constants import MAX_JSON_BYTES, MAX_JSON_DEPTH
+from ..errors import AdapterFormatError, RankMismatchError
+from ..files import json_nesting
+from .arrays import array_to_tensor, declared_shape, tensor_to_array
 
 RANK_KEY = "lora-r"
 ALPHA_KEY = "lora-alpha"
@@ -39,10 +42,6 @@ MODULES_KEY = "lora-modules"
 NUM_EXAMPLES_KEY = "lora-num-examples"
 CONFIG_JSON_KEY = "lora-config"
 ADAPTER_CONFIG_KEYS = (RANK_KEY, ALPHA_KEY, RSLORA_KEY, MODULES_KEY, NUM_EXAMPLES_KEY, CONFIG_JSON_KEY)
-
-# numpy has no bfloat16: such tensors travel as their raw bytes under this serialisation type.
-_RAW_STYPE = "hf_fedlora.torch.raw"
-_RAW_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 def _json_default(value: Any) -> Any:
@@ -54,28 +53,6 @@ def _json_default(value: Any) -> Any:
 def config_to_json(config: LoraConfig) -> str:
     """``LoraConfig`` as the JSON PEFT writes to ``adapter_config.json`` (sets become sorted lists)."""
     return json.dumps(config.to_dict(), default=_json_default, sort_keys=True)
-
-
-def tensor_to_array(tensor: torch.Tensor) -> Array:
-    """A Flower ``Array`` holding exactly the tensor's bytes; ``bfloat16`` included."""
-    tensor = tensor.detach().cpu().contiguous()
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name in _RAW_DTYPES:
-        data = tensor.view(torch.int16).numpy().tobytes()
-        return Array(dtype=name, shape=tuple(tensor.shape), stype=_RAW_STYPE, data=data)
-    return Array.from_numpy_ndarray(tensor.numpy())
-
-
-def array_to_tensor(array: Array) -> torch.Tensor:
-    """The tensor an ``Array`` holds (a fresh, writable copy)."""
-    if array.stype == _RAW_STYPE:
-        dtype = _RAW_DTYPES.get(array.dtype)
-        if dtype is None:
-            raise AdapterFormatError(f"raw array of unsupported dtype {array.dtype!r}")
-        if not array.data:
-            return torch.empty(array.shape, dtype=dtype)
-        return torch.frombuffer(bytearray(array.data), dtype=dtype).reshape(array.shape)
-    return torch.from_numpy(np.array(array.numpy(), copy=True))
 
 
 def adapter_to_records(
@@ -124,44 +101,141 @@ def _required(config: ConfigRecord, key: str, types: tuple[type, ...], where: st
     return value
 
 
+def _int_text(value: int) -> str:
+    """An int for an error message (Python refuses to print one of more than 4,300 digits)."""
+    return str(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
+
+
+def layer_shapes(reference: LoraAdapter) -> dict[str, tuple[tuple[int, ...], int | None, int]]:
+    """Every tensor a reply may hold, from the adapter it was trained from:
+    ``{key: (shape in the reference, the rank dimension or None, the layer's largest rank)}``."""
+    shapes: dict[str, tuple[tuple[int, ...], int | None, int]] = {}
+    layout = reference.layout
+    for module in reference.modules:
+        (a_key, b_key), (a_shape, b_shape) = layout.factor_keys(module), reference.factor_shapes(module)
+        largest = min(b_shape[0], math.prod(a_shape[1:]))
+        shapes[a_key], shapes[b_key] = (a_shape, 0, largest), (b_shape, 1, largest)
+        for key in layout.lora_keys(module)[2:]:
+            shapes[key] = (tuple(reference.tensor_shape(key)), None, 0)
+    for key in reference.extras:
+        shapes[key] = (tuple(reference.tensor_shape(key)), None, 0)
+    return shapes
+
+
+def check_shapes(
+    arrays: ArrayRecord, rank: int, reference: LoraAdapter, label: str = "Flower message"
+) -> None:
+    """Refuse, before decoding anything, a reply whose ``lora-r`` or declared array shapes do not fit
+    the layers of ``reference`` (the global adapter it was trained from): unknown tensors, other layer
+    dimensions, or a rank larger than the layer itself.
+
+    Raises:
+        AdapterFormatError, RankMismatchError: naming ``label`` and the field or array.
+    """
+    shapes = layer_shapes(reference)
+    largest = max(bound for _, _, bound in shapes.values())
+    if rank > largest:
+        raise RankMismatchError(
+            f"{label}: field `{RANK_KEY}` is {_int_text(rank)}, larger than every layer of the global adapter "
+            f"(the largest rank a layer can hold is {largest}); refusing the reply before decoding it."
+        )
+    if len(arrays) > len(shapes):
+        raise AdapterFormatError(
+            f"{label}: the ArrayRecord holds {len(arrays)} arrays; the global adapter has {len(shapes)} tensors."
+        )
+    for key in arrays.keys():
+        if key not in shapes:
+            raise AdapterFormatError(
+                f"{label}: array `{key:.200}` is not a tensor of the global adapter (its LoRA modules and "
+                "modules_to_save)."
+            )
+        shape = declared_shape(arrays[key], f"{label}: array `{key}`")
+        expected, rank_dim, bound = shapes[key]
+        other = [d for i, d in enumerate(shape) if i != rank_dim]
+        if len(shape) != len(expected) or other != [d for i, d in enumerate(expected) if i != rank_dim]:
+            module = key.rsplit(".", 2)[0]
+            layer = ", ".join("r" if i == rank_dim else str(d) for i, d in enumerate(expected))
+            raise AdapterFormatError(
+                f"{label}: array `{key}` declares shape {list(shape)}, but module `{module}` has layer shape "
+                f"[{layer}] for this array in the global adapter (r: the rank)."
+            )
+        if rank_dim is not None and not 1 <= shape[rank_dim] <= bound:
+            raise RankMismatchError(
+                f"{label}: array `{key}` declares rank {shape[rank_dim]}; its layer holds rank 1 to {bound}."
+            )
+
+
+def _config_json(config: ConfigRecord, label: str) -> dict[str, Any]:
+    text = _required(config, CONFIG_JSON_KEY, (str,), label)
+    if len(text) > MAX_JSON_BYTES:
+        raise AdapterFormatError(
+            f"{label}: field `{CONFIG_JSON_KEY}` is {len(text):,} characters, over the limit of "
+            f"{MAX_JSON_BYTES:,}; a LoraConfig is a few kilobytes."
+        )
+    if json_nesting(text) > MAX_JSON_DEPTH:
+        raise AdapterFormatError(
+            f"{label}: field `{CONFIG_JSON_KEY}` is nested deeper than {MAX_JSON_DEPTH} levels."
+        )
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFormatError(
+            f"{label}: field `{CONFIG_JSON_KEY}` is not valid JSON ({exc!s:.200})."
+        ) from exc
+    if not isinstance(data, dict):
+        raise AdapterFormatError(
+            f"{label}: field `{CONFIG_JSON_KEY}` must be a JSON object, got {type(data).__name__}."
+        )
+    return data
+
+
 def adapter_from_records(
     arrays: ArrayRecord,
     config: ConfigRecord,
     *,
     label: str = "Flower message",
     check_finite_values: bool = True,
+    reference: LoraAdapter | None = None,
 ) -> LoraAdapter:
     """Decode an adapter sent with :func:`adapter_to_records`.
+
+    Nothing is allocated from what the sender declares before it is checked: each array's declared
+    dtype and shape must match its bytes (:func:`~hf_fedlora.flower.arrays.array_to_tensor`), and with
+    a ``reference`` its ``lora-r`` and every array's shape must fit the reference's layers
+    (:func:`check_shapes`) before the first array is decoded.
 
     Args:
         arrays: its tensors under PEFT's keys.
         config: its ``lora-*`` fields (other keys are ignored).
         label: how error messages name the sender, e.g. ``"reply from node 42"``.
         check_finite_values: refuse NaN/Inf tensors now rather than when they are first read.
+        reference: the adapter the sender trained from (the server: the global adapter of the round).
 
     Returns:
         An in-memory ``LoraAdapter`` (``num_examples`` set when the record carries it).
 
     Raises:
         AdapterFormatError: a missing or mistyped field, module names that do not match the tensors,
-            or an undecodable array. ``RankMismatchError``: tensors whose shape contradicts the rank.
-        NonFiniteTensorError: a tensor holding NaN or Inf.
+            or an undecodable array (declared sizes that do not match its bytes, an empty or lying
+            ``.npy`` buffer). ``RankMismatchError``: tensors whose shape contradicts the rank, or a
+            rank larger than the reference's layers. NonFiniteTensorError: a tensor holding NaN or Inf.
     """
     rank = _required(config, RANK_KEY, (int,), label)
     alpha = _required(config, ALPHA_KEY, (int, float), label)
     use_rslora = _required(config, RSLORA_KEY, (bool,), label)
     modules = _required(config, MODULES_KEY, (list,), label)
-    try:
-        data = json.loads(_required(config, CONFIG_JSON_KEY, (str,), label))
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{label}: field `{CONFIG_JSON_KEY}` is not valid JSON ({exc}).") from exc
-    if not isinstance(data, dict):
+    if rank < 1:
         raise AdapterFormatError(
-            f"{label}: field `{CONFIG_JSON_KEY}` must be a JSON object, got {type(data).__name__}."
+            f"{label}: field `{RANK_KEY}` must be a positive int, got {_int_text(rank)}."
         )
+    if reference is not None:
+        check_shapes(arrays, rank, reference, label)
+    data = _config_json(config, label)
     data.update(r=rank, lora_alpha=alpha, use_rslora=use_rslora)
     lora_config = lora_config_from_dict(data, label)
 
+    if not all(isinstance(m, str) for m in modules):
+        raise AdapterFormatError(f"{label}: field `{MODULES_KEY}` must list module names (strings).")
     expected = {k for m in modules for k in (lora_a_key(m), lora_b_key(m))}
     missing = sorted(expected - set(arrays.keys()))
     if missing:
@@ -171,10 +245,7 @@ def adapter_from_records(
         )
     state: dict[str, torch.Tensor] = {}
     for key in arrays.keys():
-        try:
-            state[key] = array_to_tensor(arrays[key])
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise AdapterFormatError(f"{label}: array `{key}` cannot be decoded ({exc}).") from exc
+        state[key] = array_to_tensor(arrays[key], f"{label}: array `{key:.200}`")
         if check_finite_values and state[key].is_floating_point():
             check_finite(state[key], label, key)
     adapter = LoraAdapter.from_state_dict(lora_config, state, label=label)
@@ -204,6 +275,8 @@ __all__ = [
     "adapter_from_records",
     "adapter_to_records",
     "array_to_tensor",
+    "check_shapes",
     "config_to_json",
+    "layer_shapes",
     "tensor_to_array",
 ]

@@ -4,20 +4,26 @@ Flower's stock strategies average arrays element-wise, so they fail as soon as t
 LoRA factors of different ranks ("operands could not be broadcast"). :class:`HeteroLoraStrategy`
 keeps Flower's sampling, messaging and round loop (it is a ``FedAvg``), and replaces the two steps
 that assume equal shapes: ``configure_train`` sends every client the rank-``r_k`` view of the
-global adapter (``LoraAdapter.to_rank``), and ``aggregate_train`` merges the replies with
-:func:`hf_fedlora.aggregate_adapters` and any registered rule (``"replication"`` by default,
-Byun & Lee, NAACL 2025, https://arxiv.org/abs/2406.17477).
+global adapter (``LoraAdapter.to_rank``), and the replies are merged with any registered rule
+(``"replication"`` by default, Byun & Lee, NAACL 2025, https://arxiv.org/abs/2406.17477).
 
-Rounds survive lost nodes: ``start`` collects replies with a
-:class:`~hf_fedlora.flower.collect.ReplyCollector`, so a round whose nodes do not all answer within
+Replies are merged as they arrive: ``start`` collects them with a
+:class:`~hf_fedlora.flower.collect.ReplyCollector` that pulls one reply at a time and hands it to
+the strategy, which checks it and folds it into a :class:`hf_fedlora.StreamingAggregator`
+(:class:`~hf_fedlora.flower.fold.RoundFold`) and lets it go; ``aggregate_train`` then only finishes
+the merge. The server holds the running merge plus one reply, however many clients answer, and the
+result equals :func:`hf_fedlora.aggregate_adapters` on the accepted replies. ``aggregate_train``
+called directly with a list of replies (another driver, tests) folds them in node order.
+
+Rounds survive lost nodes and hostile replies: a round whose nodes do not all answer within
 ``timeout`` seconds goes on with the replies that came (at least ``min_train_replies`` of them),
-logs each missing node with its id, and the next round starts as usual.
+logs each missing node with its id, and the next round starts as usual; a reply that cannot be
+merged is logged with its node and the field at fault, and left out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -27,46 +33,17 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from ..adapters import LoraAdapter
-from ..adapters.validate import check_compatible
-from ..aggregation import aggregate_adapters
 from ..constants import SendBackMethod, check_send_back
 from ..errors import AdapterError
 from ..strategies import Strategy, get_strategy
 from .collect import ReplyCollector
-from .records import NUM_EXAMPLES_KEY, RANK_KEY, adapter_from_records, adapter_to_records
+from .fold import RoundFold, RoundReplies
+from .records import NUM_EXAMPLES_KEY, adapter_from_records, adapter_to_records
 
 SEND_BACK_KEY = "lora-send-back"
 """ConfigRecord key telling the client how to re-view the adapter at another rank ("truncate"/"svd")."""
 
 RankAllocation = Mapping[int, int] | Callable[[int, int], "int | None"]
-
-
-@dataclass
-class RoundReplies:
-    """What one round of :class:`HeteroLoraStrategy` received and produced (in :attr:`HeteroLoraStrategy.rounds`;
-    the adapters only with ``keep_replies``). The round's ``metrics.jsonl`` line is a
-    :class:`hf_fedlora.federation.RoundRecord`, written by a :class:`RoundWriter`.
-
-    Attributes:
-        server_round: the round, from 1.
-        node_ids: the nodes whose replies were aggregated, in aggregation order.
-        replies: their adapters, in the same order.
-        num_examples: their example counts (``None`` where a reply gave none).
-        previous: the global adapter the round started from.
-        global_adapter: the aggregate (``None`` when the round kept the previous one).
-        rejected: ``(node_id, reason)`` of every reply that was left out.
-        lost: ``(node_id, reason)`` of every sampled node whose reply did not come (timeout, error
-            reply such as "node unavailable").
-    """
-
-    server_round: int
-    node_ids: list[int] = field(default_factory=list)
-    replies: list[LoraAdapter] = field(default_factory=list)
-    num_examples: list[int | None] = field(default_factory=list)
-    previous: LoraAdapter | None = None
-    global_adapter: LoraAdapter | None = None
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    lost: list[tuple[int, str]] = field(default_factory=list)
 
 
 class HeteroLoraStrategy(FedAvg):
@@ -84,7 +61,9 @@ class HeteroLoraStrategy(FedAvg):
     global adapter and takes its own view (see :func:`hf_fedlora.flower.client_view`).
 
     Replies that cannot be merged (missing fields, shapes that contradict the rank or the model,
-    NaN/Inf) are logged with the node id and left out; the round goes on with the others. So are
+    arrays whose declared sizes do not match their bytes, a ``lora-r`` larger than the layers, NaN/Inf,
+    an example count that is not a positive integer: see :mod:`hf_fedlora.flower.fold`) are logged
+    with the node id and left out; the round goes on with the others. So are
     nodes that do not reply within ``start``'s ``timeout`` (seconds per round) or whose reply is an
     error (a SuperNode that died: the SuperLink answers "node unavailable" once its heartbeats stop).
     With fewer than ``min_train_replies`` usable replies a round keeps the previous global adapter.
@@ -92,7 +71,7 @@ class HeteroLoraStrategy(FedAvg):
     Args:
         aggregation (`str` or `Strategy`, *optional*, defaults to ``"replication"``):
             the rule, a name from ``hf_fedlora.list_strategies()`` or a ``Strategy``.
-        target_rank (`int`, *optional*): output rank passed to ``aggregate_adapters``.
+        target_rank (`int`, *optional*): output rank of the merge (``StreamingAggregator``'s).
         send_back (`str`, *optional*): how clients get their view, ``"truncate"`` or ``"svd"``;
             default: the rule's ``send_back``.
         rank_allocation (mapping or callable, *optional*): ``{node_id: rank}``, or
@@ -144,6 +123,7 @@ class HeteroLoraStrategy(FedAvg):
         self.client_ranks: dict[int, int] = {}
         self.rounds: list[RoundReplies] = []
         self._global_arrays: ArrayRecord | None = None
+        self._fold: RoundFold | None = None
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -153,7 +133,8 @@ class HeteroLoraStrategy(FedAvg):
     def start(
         self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs
     ):
-        """Flower's ``Strategy.start``, collecting each round's replies with a :class:`ReplyCollector`.
+        """Flower's ``Strategy.start``, collecting each round's replies with a :class:`ReplyCollector`
+        that hands every train reply to :meth:`on_reply` as it is pulled (folded in, then let go).
 
         Args:
             timeout: seconds a round waits for its replies; nodes that have not replied by then are
@@ -161,6 +142,7 @@ class HeteroLoraStrategy(FedAvg):
             **kwargs: ``train_config``, ``evaluate_config``, ``evaluate_fn`` (see ``FedAvg.start``).
         """
         self.collector = grid if isinstance(grid, ReplyCollector) else ReplyCollector(grid)
+        self.collector.on_reply = self.on_reply
         return super().start(self.collector, initial_arrays, num_rounds=num_rounds, timeout=timeout, **kwargs)
 
     def _rank_for(self, node_id: int, server_round: int) -> int | None:
@@ -210,94 +192,101 @@ class HeteroLoraStrategy(FedAvg):
             node_config["server-round"] = server_round
             content = RecordDict({self.arrayrecord_key: view_arrays, self.configrecord_key: node_config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        self._fold = None
+        self._open_round(server_round)  # replies are folded into it as they arrive
         return messages
 
-    def _accept(self, msg: Message, record: RoundReplies, previous: LoraAdapter) -> LoraAdapter | None:
-        node_id = msg.metadata.src_node_id
-        label = f"round {record.server_round}, reply from node {node_id}"
-        try:
-            content = msg.content
-            if len(content.array_records) != 1 or len(content.config_records) < 1:
-                raise AdapterError(
-                    f"{label}: expected one ArrayRecord and a ConfigRecord with the adapter's `lora-*` fields, got "
-                    f"{len(content.array_records)} ArrayRecord(s) and {len(content.config_records)} ConfigRecord(s)."
-                )
-            arrays = next(iter(content.array_records.values()))
-            config = content.config_records.get(self.configrecord_key) or next(
-                iter(content.config_records.values())
+    def _open_round(self, server_round: int) -> RoundFold:
+        """The running merge of ``server_round`` (a new one if the open one is for another round)."""
+        fold = self._fold
+        if fold is None or fold.record.server_round != server_round:
+            previous = self.global_adapter
+            if previous is None:
+                raise RuntimeError("aggregate_train called before configure_train: no global adapter yet.")
+            fold = self._fold = RoundFold(
+                server_round,
+                previous,
+                self.aggregation,
+                self.target_rank,
+                configrecord_key=self.configrecord_key,
+                weighted_by_key=self.weighted_by_key,
+                keep_replies=self.keep_replies,
             )
-            adapter = adapter_from_records(arrays, config, label=label)
-            check_compatible([previous, adapter], check_base_model=False)
-        except AdapterError as exc:
-            log(WARNING, "aggregate_train: rejected %s. Leaving it out of this round.", exc)
-            record.rejected.append((node_id, str(exc)))
-            return None
-        count = adapter.num_examples
-        for metrics in content.metric_records.values():
-            value = metrics.get(self.weighted_by_key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                count = int(value)
-        adapter.num_examples = count
-        self.client_ranks[node_id] = int(config[RANK_KEY])
-        return adapter
+        return fold
+
+    def on_reply(self, msg: Message) -> Message | None:
+        """The :class:`ReplyCollector`'s hook: fold a train reply into the round's merge as soon as it
+        is pulled, and let it go (returns ``None``); other replies are returned unchanged."""
+        fold = self._fold
+        if fold is None or msg.has_error() or msg.metadata.message_type != MessageType.TRAIN:
+            return msg
+        fold.fold(msg)
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Merge the valid replies' adapters with the configured rule; leave out and log the others."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        previous = self.global_adapter
-        if previous is None:
-            raise RuntimeError("aggregate_train called before configure_train: no global adapter yet.")
-        record = RoundReplies(server_round, previous=previous)
+        """Finish the round's merge: fold in the replies still in ``replies`` (all of them when called
+        directly, in node order; none when ``start``'s collector folded them as they came), leave
+        out and log the others, and return the global adapter's records and the round's metrics."""
+        replies = list(replies)
+        fold = self._open_round(server_round)
+        self._fold = None
+        record = fold.record
+        errors = [m for m in replies if m.has_error()]
+        for msg in sorted((m for m in replies if not m.has_error()), key=lambda m: m.metadata.src_node_id):
+            fold.fold(msg)
+        log(
+            INFO,
+            "aggregate_train: %s repl%s accepted, %s rejected, %s failures",
+            fold.num_accepted,
+            "y" if fold.num_accepted == 1 else "ies",
+            len(record.rejected),
+            len(errors),
+        )
         if self.collector is not None:
             record.lost = sorted(self.collector.take_missing().items())
         for node, reason in record.lost:
             log(
                 WARNING, "aggregate_train: round %s goes on without node %s (%s).", server_round, node, reason
             )
-        accepted: list[tuple[int, LoraAdapter, RecordDict]] = []
-        for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
-            adapter = self._accept(msg, record, previous)
-            if adapter is not None:
-                accepted.append((msg.metadata.src_node_id, adapter, msg.content))
-        if len(accepted) < self.min_train_replies:
+        self.client_ranks.update(fold.ranks)
+        merged = None
+        if fold.num_accepted >= self.min_train_replies:
+            try:
+                merged = fold.result()
+            except AdapterError as exc:  # e.g. a merge that overflows: keep the previous adapter
+                log(WARNING, "aggregate_train: round %s could not be merged (%s).", server_round, exc)
+        if merged is None:
             log(
                 WARNING,
-                "aggregate_train: %s usable repl%s in round %s (fewer than min_train_replies=%s). "
+                "aggregate_train: %s usable repl%s in round %s (min_train_replies=%s). "
                 "Keeping the previous global adapter.",
-                len(accepted),
-                "y" if len(accepted) == 1 else "ies",
+                fold.num_accepted,
+                "y" if fold.num_accepted == 1 else "ies",
                 server_round,
                 self.min_train_replies,
             )
             self.rounds.append(RoundReplies(server_round, rejected=record.rejected, lost=record.lost))
             return None, None
-        record.node_ids = [node for node, _, _ in accepted]
-        record.replies = [adapter for _, adapter, _ in accepted]
-        record.num_examples = [adapter.num_examples for adapter in record.replies]
-        counts = record.num_examples if all(c is not None for c in record.num_examples) else None
-        self.global_adapter = aggregate_adapters(
-            record.replies,
-            strategy=self.aggregation,
-            target_rank=self.target_rank,
-            previous=previous,
-            num_examples=counts,
-            check_base_model=False,
-        )
-        record.global_adapter = self.global_adapter
-        self._global_arrays, _ = adapter_to_records(self.global_adapter)
+        self.global_adapter = record.global_adapter = merged
+        self._global_arrays, _ = adapter_to_records(merged)
         self.rounds.append(
             record
             if self.keep_replies
-            else RoundReplies(server_round, record.node_ids, rejected=record.rejected, lost=record.lost)
+            else RoundReplies(
+                server_round,
+                record.node_ids,
+                num_examples=record.num_examples,
+                rejected=record.rejected,
+                lost=record.lost,
+            )
         )
-        metrics = self._train_metrics([content for _, _, content in accepted], len(record.rejected))
+        metrics = self._train_metrics(fold.metrics, len(record.rejected))
         metrics["clients-lost"] = len(record.lost)
-        if counts is not None:
-            metrics[self.weighted_by_key] = int(sum(counts))
+        metrics[self.weighted_by_key] = int(sum(record.num_examples))
         if self.on_aggregate is not None:
-            self.on_aggregate(server_round, self.global_adapter, metrics)
+            self.on_aggregate(server_round, merged, metrics)
         return self._global_arrays, metrics
 
     def _train_metrics(self, contents: list[RecordDict], num_rejected: int) -> MetricRecord:
