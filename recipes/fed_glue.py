@@ -15,8 +15,8 @@ Usage (2 CPU processes; drop ``--config_file`` for one, or run with plain ``pyth
     accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml \\
         --strategy zero_padding --output_dir outputs/quickstart_zero_padding
 
-    # continue a killed run from its last complete round:
-    accelerate launch recipes/fed_glue.py --config recipes/configs/quickstart.yaml --resume
+    # continue a stopped run from its last complete round (its options are read from state.json):
+    accelerate launch recipes/fed_glue.py --output_dir outputs/quickstart --resume
 
 ``python recipes/fed_glue.py --help`` lists every option.
 """
@@ -39,6 +39,7 @@ from hf_fedlora.federation import (  # noqa: E402
     run_federation,
     set_torch_threads,
 )
+from hf_fedlora.federation.guard import run_script  # noqa: E402
 
 
 def main(
@@ -62,7 +63,18 @@ _EXAMPLE = (
 )
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The script: one line and exit 2 for an operator's mistake, a clean stop (exit 130/143) on
+    SIGINT/SIGTERM, also when only the ``accelerate launch`` process is signalled."""
+    return run_script(
+        parse,
+        main,
+        argv,
+        prog="fed_glue.py",
+        # after parsing: a config's `env:` block may set OMP_NUM_THREADS
+        before_main=lambda arguments: set_torch_threads(arguments[3].threads),
+    )
+
+
 if __name__ == "__main__":
-    arguments = parse(sys.argv[1:])
-    set_torch_threads()  # after parsing: a config's `env:` block may set OMP_NUM_THREADS
-    main(*arguments)
+    sys.exit(cli(sys.argv[1:]))

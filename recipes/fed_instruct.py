@@ -16,8 +16,8 @@ Usage (drop ``--config_file`` for one process, or run with plain ``python``)::
     accelerate launch recipes/fed_instruct.py --config recipes/configs/instruct_quickstart.yaml \\
         --strategy flexlora --partition task_type --output_dir outputs/instruct_flexlora
 
-    # continue a killed run from its last complete round:
-    accelerate launch recipes/fed_instruct.py --config recipes/configs/instruct_quickstart.yaml --resume
+    # continue a stopped run from its last complete round (its options are read from state.json):
+    accelerate launch recipes/fed_instruct.py --output_dir outputs/instruct_quickstart --resume
 
 ``python recipes/fed_instruct.py --help`` lists every option. The loop, its outputs, resuming and
 the Hub push are those of ``recipes/fed_glue.py`` (``hf_fedlora.federation.run_federation``).
@@ -41,6 +41,7 @@ from hf_fedlora.federation import (  # noqa: E402
     run_federation,
     set_torch_threads,
 )
+from hf_fedlora.federation.guard import run_script  # noqa: E402
 from hf_fedlora.federation.instruct_config import INSTRUCT_ARGUMENT_CLASSES  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = "outputs/fed_instruct"
@@ -71,7 +72,18 @@ _EXAMPLE = (
 )
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The script: one line and exit 2 for an operator's mistake, a clean stop (exit 130/143) on
+    SIGINT/SIGTERM, also when only the ``accelerate launch`` process is signalled."""
+    return run_script(
+        parse,
+        main,
+        argv,
+        prog="fed_instruct.py",
+        # after parsing: a config's `env:` block may set OMP_NUM_THREADS
+        before_main=lambda arguments: set_torch_threads(arguments[3].threads),
+    )
+
+
 if __name__ == "__main__":
-    arguments = parse(sys.argv[1:])
-    set_torch_threads()  # after parsing: a config's `env:` block may set OMP_NUM_THREADS
-    main(*arguments)
+    sys.exit(cli(sys.argv[1:]))

@@ -3,7 +3,7 @@
     python tests/crash_runner.py <point> <recipe options...>
 
 Points: ``train`` (a client of round 2 starts training after another finished), ``aggregate``
-(the server starts merging round 2), ``checkpoint`` (round-0002's weights are in its temporary
+(the server finishes merging round 2), ``checkpoint`` (round-0002's weights are in its temporary
 folder, not yet renamed into place), ``jsonl`` (half of round 2's metrics line is written),
 ``state`` (round 2 is written, ``state.json`` not yet updated).
 """
@@ -26,8 +26,8 @@ def die() -> None:
 
 def arm(point: str) -> None:
     import hf_fedlora.adapters.adapter as adapter_module
-    import hf_fedlora.federation.loop as loop
     import hf_fedlora.federation.rounds as rounds
+    import hf_fedlora.federation.server as server
     from hf_fedlora.federation.client import LocalTrainer
     from hf_fedlora.federation.state import RunState
 
@@ -43,15 +43,15 @@ def arm(point: str) -> None:
 
         LocalTrainer.train = train
     elif point == "aggregate":
-        real_aggregate = loop.aggregate_adapters
+        real_merge = server.RoundCollector.merge
 
-        def aggregate(*args, **kwargs):
+        def merge(self):
             calls["aggregate"] += 1
             if calls["aggregate"] == 2:
                 die()
-            return real_aggregate(*args, **kwargs)
+            return real_merge(self)
 
-        loop.aggregate_adapters = aggregate
+        server.RoundCollector.merge = merge
     elif point == "checkpoint":
         real_save = adapter_module.save_file
 

@@ -19,11 +19,13 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from ..constants import check_send_back
 from .instruct_data import INSTRUCT_PARTITIONS
 from .partition import PARTITIONS
 from .ranks import parse_rank_spec
+from .state import saved_arguments
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -215,13 +217,29 @@ class FederationArguments:
         "Keep every client's trained adapter under `clients/round-NNNN/` (for diagnostics; costs disk).",
         default=False,
     )
+    save_client_adapters: bool = _help(
+        "Write each trained client adapter to `_exchange/round-NNNN/`. With `false` the main process folds its "
+        "clients into the merge in memory (other processes of `accelerate launch` still exchange files).",
+        default=True,
+    )
+    threads: int = _help(
+        "Torch threads of each process; 0: `OMP_NUM_THREADS` when set, else the cores divided among the "
+        "processes (`accelerate launch` sets OMP_NUM_THREADS=1 unless given `--num_cpu_threads_per_process`).",
+        default=0,
+    )
     output_dir: str = _help(
         "Folder for rounds, metrics, state, plot and model card.", default="outputs/fed_glue"
     )
     overwrite_output_dir: bool = _help(
         "Delete an existing output folder instead of refusing to start.", default=False
     )
-    resume: bool = _help("Continue from the last complete round in `output_dir`.", default=False)
+    resume: bool = _help(
+        "Continue from the last complete round in `output_dir` with the options saved in its state.json "
+        "(`--output_dir X --resume` is enough). Options given (flags or `--config`) must match the saved run, "
+        "except `rounds` (raise it to extend the run), `threads`, `report_to`, the Hub options and "
+        "`save_client_adapters`/`keep_client_adapters`.",
+        default=False,
+    )
     report_to: list[str] = _help(
         "Accelerate trackers, e.g. `tensorboard` (empty: none).", default_factory=list
     )
@@ -259,6 +277,10 @@ class FederationArguments:
             raise ValueError(f"`quality_scoring` must be 'sampled' or 'all', got {self.quality_scoring!r}.")
         if self.on_bad_client not in ("skip", "fail"):
             raise ValueError(f"`on_bad_client` must be 'skip' or 'fail', got {self.on_bad_client!r}.")
+        if self.keep_client_adapters and not self.save_client_adapters:
+            raise ValueError("`keep_client_adapters` needs `save_client_adapters`.")
+        if self.threads < 0:
+            raise ValueError(f"`threads` must be >= 0, got {self.threads}.")
         for name in ("max_update_norm", "max_norm_ratio", "clip_update_norm"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -288,6 +310,9 @@ RESUMABLE_OPTIONS = frozenset(
         "hub_model_id",
         "hub_private",
         "hub_token",
+        "threads",
+        "save_client_adapters",
+        "keep_client_adapters",
     )
 )
 """Options a ``--resume`` may change: they do not change the result of the rounds already run."""
@@ -301,6 +326,13 @@ def resume_fingerprint(*groups: Any) -> dict[str, Any]:
     """The options of the argument groups that must not change on resume, as JSON values."""
     values = {k: v for group in groups for k, v in asdict(group).items() if k not in RESUMABLE_OPTIONS}
     return json.loads(json.dumps(values))
+
+
+def run_arguments(*groups: Any) -> dict[str, Any]:
+    """Every option of the run as JSON values, saved in ``state.json`` for ``--resume`` (the Hub
+    token and the output folder's own options left out)."""
+    skip = ("hub_token", "resume", "overwrite_output_dir", "output_dir")
+    return json.loads(json.dumps({k: v for g in groups for k, v in asdict(g).items() if k not in skip}))
 
 
 def option_defaults(*groups: Any) -> dict[str, Any]:
@@ -365,8 +397,15 @@ class FedArgumentParser(HfArgumentParser):
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
         known, rest = pre.parse_known_args(args)
-        if known.config:
-            self.set_defaults(**self.read_config(known.config))
+        config = self.read_config(known.config) if known.config else {}
+        peek = argparse.ArgumentParser(add_help=False)
+        peek.add_argument("--output_dir", default=config.get("output_dir", self.get_default("output_dir")))
+        peek.add_argument("--resume", nargs="?", const=True, default=config.get("resume", False))
+        seen = peek.parse_known_args(rest)[0]
+        if seen.output_dir and string_to_bool(seen.resume):  # the saved run's options, under the config's
+            saved = saved_arguments(seen.output_dir)
+            self.set_defaults(**{k: v for k, v in saved.items() if k in self._known})
+        self.set_defaults(**config)
         return tuple(self.parse_args_into_dataclasses(args=rest))[: self._num_groups]
 
     def read_config(self, path: str | os.PathLike) -> dict[str, Any]:
@@ -399,5 +438,6 @@ __all__ = [
     "option_defaults",
     "reproduce_command",
     "resume_fingerprint",
+    "run_arguments",
     "tracker_config",
 ]

@@ -28,17 +28,15 @@ import numpy as np
 from accelerate.logging import get_logger
 
 from ..adapters import LoraAdapter
-from ..aggregation import aggregate_adapters
 from ..constants import MODEL_CARD_NAME
-from ..errors import AdapterError
 from ..hub import build_model_card
-from ..screening import screen_clients
 from .config import ClientArguments, DataArguments, FederationArguments, ModelArguments, tracker_config
+from .guard import OutputDirLock, check_output_dir, mark_operator_error
 from .instruct_config import InstructDataArguments
 from .plots import plot_history, summary_table
-from .ranks import quality_upgrade
-from .rounds import ClientRecord, DroppedClient, RoundRecord, atomic_write_text, read_records, round_dir
+from .rounds import ClientRecord, RoundRecord, atomic_write_text, read_records, round_dir
 from .run import FederationRun, initial_state, setup_run
+from .server import RoundCollector, client_folder, server_round
 from .state import EXCHANGE_DIR, RunState, prepare_output_dir, remove_stale_temporaries
 
 logger = get_logger(__name__)
@@ -59,15 +57,18 @@ class FederationResult:
         return (self.records[-1].eval or {}) if self.records else {}
 
 
-def set_torch_threads() -> int:
-    """Give torch ``OMP_NUM_THREADS`` threads when set (shared machines), else this machine's cores
-    divided among the ``accelerate launch`` processes; returns the count. The recipes call it after
-    parsing (a config's ``env:`` block may set ``OMP_NUM_THREADS``)."""
+def set_torch_threads(count: int = 0) -> int:
+    """Give torch ``count`` threads (the recipes' ``--threads``); 0: ``OMP_NUM_THREADS`` when set
+    (shared machines; ``accelerate launch`` sets it to 1 unless given ``--num_cpu_threads_per_process``),
+    else this machine's cores divided among the ``accelerate launch`` processes; returns the count.
+    The recipes call it after parsing (a config's ``env:`` block may set ``OMP_NUM_THREADS``)."""
     import torch
     from accelerate import PartialState
 
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
+    if count > 0:
+        pass
+    elif threads.isdigit() and int(threads) > 0:
         count = int(threads)
     else:
         count = max(1, (os.cpu_count() or 1) // PartialState().num_processes)
@@ -87,13 +88,15 @@ def sample_clients(seed: int, round_index: int, num_clients: int, clients_per_ro
 
 
 def _train_my_clients(
-    run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path
+    run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, collector: RoundCollector
 ) -> None:
-    """Train this process's share of the round's clients; each adapter goes to ``exchange``."""
+    """Train this process's share of the round's clients. The main process hands each to the
+    collector as it finishes (and writes it to ``_exchange/`` only with ``save_client_adapters``);
+    the other processes write theirs to ``_exchange/`` for the main process to read after the barrier."""
     from tqdm.auto import tqdm
 
-    fed, acc = run.fed_args, run.accelerator
-    sampled = sample_clients(fed.seed, rnd, fed.num_clients, fed.clients_per_round)
+    fed, acc, exchange = run.fed_args, run.accelerator, collector.exchange
+    sampled = collector.sampled
     probe_all = run.scoring_round(rnd) and fed.quality_scoring == "all"
     mine = (list(range(fed.num_clients)) if probe_all else sampled)[acc.process_index :: acc.num_processes]
     scoring = run.task.validation.select(range(min(fed.quality_eval_samples, len(run.task.validation))))
@@ -127,130 +130,11 @@ def _train_my_clients(
                 atomic_write_text(exchange / f"score-{cid:04d}.json", json.dumps(probe))
                 continue
             adapter.provenance.update(round=rnd, client=info.to_dict())
-            adapter.save_pretrained(exchange / f"client-{cid:04d}")
-
-
-# -- the server's steps (main process) ------------------------------------------------------------
-
-
-def _screen(
-    run: FederationRun, exchange: Path, sampled: list[int], previous: LoraAdapter
-) -> tuple[list[LoraAdapter], list[DroppedClient]]:
-    """The round's usable client adapters, and who was dropped and why (``--on_bad_client``).
-
-    Clients are checked against the previous global adapter, never against one another, so a
-    hostile first client cannot make the honest ones look incompatible."""
-    fed = run.fed_args
-    accepted, verdicts = screen_clients(
-        [exchange / f"client-{c:04d}" for c in sampled],
-        reference=previous,
-        max_update_norm=fed.max_update_norm,
-        max_norm_ratio=fed.max_norm_ratio,
-        clip_update_norm=fed.clip_update_norm,
-    )
-    dropped = [DroppedClient(sampled[v.index], v.reason) for v in verdicts if not v.accepted]
-    clipped = [sampled[v.index] for v in verdicts if v.clipped]
-    if dropped and fed.on_bad_client == "fail":
-        raise AdapterError(
-            f"{len(dropped)} client update(s) rejected and `on_bad_client` is 'fail': "
-            + "; ".join(f"client {d.client}: {d.reason}" for d in dropped)
-        )
-    for item in dropped:
-        logger.warning(f"dropping client {item.client} from this round: {item.reason}")
-    if clipped:
-        logger.info(f"clipped the updates of clients {clipped} to norm {fed.clip_update_norm}")
-    return accepted, dropped
-
-
-def _aggregate(run: FederationRun, clients: list[LoraAdapter], previous: LoraAdapter) -> LoraAdapter:
-    """The new global adapter: the rule's merge of the accepted clients, kept at the run's largest
-    rank unless the rule's rank grows with the clients (stacking)."""
-    if not clients:
-        return previous  # every update was rejected: the global adapter stays as it was
-    target_rank = None if run.strategy.rank_grows_with_clients else run.max_rank
-    return aggregate_adapters(clients, strategy=run.strategy, target_rank=target_rank, previous=previous)
-
-
-def _update_ranks(
-    run: FederationRun, rnd: int, state: RunState, infos: list[ClientRecord], exchange: Path
-) -> None:
-    """``quality_upgrade``: collect the round's scores; after ``upgrade_after_round``, upgrade the best clients."""
-    fed = run.fed_args
-    if not run.scoring_round(rnd):
-        return
-    state.scores.update({str(i.client): i.quality_score for i in infos})
-    for probe in sorted(exchange.glob("score-*.json")):
-        entry = json.loads(probe.read_text(encoding="utf-8"))
-        state.scores[str(entry["client"])] = entry["quality_score"]
-    if rnd == fed.upgrade_after_round:
-        scores = {int(k): v for k, v in state.scores.items()}
-        state.ranks = quality_upgrade(
-            state.ranks, scores, high_rank=fed.high_rank, fraction=fed.upgrade_fraction
-        )
-
-
-def _write_round(
-    run: FederationRun, record: RoundRecord, state: RunState, exchange: Path, round_start: float
-) -> None:
-    """Push (if asked), append the JSONL line, save ``state.json``: the round is complete. Then
-    keep or delete the clients' adapters and log to the trackers."""
-    out = run.out
-    if run.writer.hub_repo_id:
-        record.hub_push = run.writer.push(record)
-    record.seconds["wall"] = round(time.perf_counter() - round_start, 3)
-    run.writer.append(record)
-    state.completed_round = record.round
-    state.save(out)
-    if run.fed_args.keep_client_adapters:
-        kept = out / "clients" / round_dir(out, record.round).name
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(exchange, kept)
-    shutil.rmtree(exchange, ignore_errors=True)
-    run.accelerator.log(
-        {f"eval/{k}": v for k, v in record.eval.items()}
-        | {"train/mean_loss": record.mean_loss, "comm/cumulative_mb": state.cumulative_bytes / 1e6},
-        step=record.round,
-    )
-
-
-def _server_round(
-    run: FederationRun, rnd: int, previous: LoraAdapter, state: RunState, exchange: Path, seconds: dict
-) -> RoundRecord:
-    """Main process: screen, aggregate (and save ``round-NNNN/``), evaluate, update ranks, write."""
-    round_start = seconds.pop("_start")
-    start = time.perf_counter()
-    sampled = sample_clients(run.fed_args.seed, rnd, run.fed_args.num_clients, run.fed_args.clients_per_round)
-    clients, dropped = _screen(run, exchange, sampled, previous)
-    merged = _aggregate(run, clients, previous)
-    merged.provenance.update(
-        round=rnd, sampled_clients=sampled, dropped_clients=[d.to_dict() for d in dropped]
-    )
-    run.writer.save_adapter(rnd, merged)
-    seconds["aggregate"] = round(time.perf_counter() - start, 3)
-
-    start = time.perf_counter()
-    evaluation = run.evaluate(merged, run.task.validation)
-    seconds["eval"] = round(time.perf_counter() - start, 3)
-    infos = [ClientRecord.from_dict(c.provenance["client"]) for c in clients]
-    traffic = sum(i.bytes_up + i.bytes_down for i in infos)
-    state.cumulative_bytes += traffic
-    _update_ranks(run, rnd, state, infos, exchange)
-    record = RoundRecord(
-        round=rnd,
-        clients=infos,
-        dropped=dropped,
-        eval=evaluation,
-        eval_metric=run.metric_name,
-        global_rank=merged.max_rank,
-        bytes_round=traffic,
-        cumulative_bytes=state.cumulative_bytes,
-        seconds=seconds,
-        strategy=run.strategy.name,
-        adapter=round_dir(run.out, rnd).name,
-    )
-    _write_round(run, record, state, exchange, round_start)
-    return record
+            if fed.save_client_adapters or not acc.is_main_process:
+                adapter.save_pretrained(client_folder(exchange, cid))
+            if acc.is_main_process:  # in memory, except a saved one kept for whole-round screening
+                saved = fed.save_client_adapters and not collector.streaming
+                collector.add(cid, client_folder(exchange, cid) if saved else adapter)
 
 
 def _finish(run: FederationRun, records: list[RoundRecord], completed_round: int) -> None:
@@ -289,19 +173,50 @@ def run_federation(
 
     Raises:
         FileExistsError: ``output_dir`` holds a run and neither ``resume`` nor ``overwrite_output_dir`` is set.
-        ValueError: invalid options, or resuming with options that differ from the saved run.
+        NotADirectoryError: ``output_dir`` is a file.
+        ValueError: invalid options, or resuming with options that differ from the saved run
+            (:class:`~hf_fedlora.federation.state.CorruptRunError`: its ``state.json`` or
+            ``metrics.jsonl`` cannot be read back).
+        RunLockedError: another live process is writing ``output_dir`` (its ``.lock``).
     """
     from accelerate import Accelerator
+
+    out = Path(fed_args.output_dir)
+    lock = None
+    try:
+        check_output_dir(out)
+        accelerator = Accelerator(log_with=fed_args.report_to or None, project_dir=fed_args.output_dir)
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = OutputDirLock(out).acquire()
+        saved = prepare_output_dir(out, fed_args, accelerator)
+        run = setup_run(model_args, data_args, client_args, fed_args, accelerator)
+        state = initial_state(run, saved)
+    except BaseException as exc:
+        if lock is not None:
+            lock.release()
+        mark_operator_error(exc)  # a mistake in the options, the data files or the output folder
+        raise
+    try:
+        return _run_rounds(run, state, resumed=saved is not None)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM through the recipes' handler: leave no temporaries
+        if accelerator.is_main_process:
+            shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
+            remove_stale_temporaries(out)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_rounds(run: FederationRun, state: RunState, resumed: bool) -> FederationResult:
+    """The rounds after ``state.completed_round`` up to ``rounds``, then the summary, plot and card."""
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(log_with=fed_args.report_to or None, project_dir=fed_args.output_dir)
+    accelerator, fed_args, out = run.accelerator, run.fed_args, run.out
     is_main = accelerator.is_main_process
-    saved = prepare_output_dir(Path(fed_args.output_dir), fed_args, accelerator)
-    run = setup_run(model_args, data_args, client_args, fed_args, accelerator)
-    out = run.out
-    state = initial_state(run, saved)
     if is_main:
-        if saved is not None:
+        if resumed:
             logger.info(f"resuming '{out}' after round {state.completed_round}", main_process_only=True)
         shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
         stale = remove_stale_temporaries(out)
@@ -309,7 +224,7 @@ def run_federation(
             logger.info(f"removed temporaries of an interrupted run: {stale}", main_process_only=True)
         run.writer.resume(state.completed_round)
         accelerator.init_trackers(run.project, config=tracker_config(*run.groups))
-        if saved is None and run.writer.records:  # the base model's round 0
+        if not resumed and run.writer.records:  # the base model's round 0
             accelerator.log({f"eval/{k}": v for k, v in run.writer.records[0].eval.items()}, step=0)
     accelerator.wait_for_everyone()
 
@@ -323,12 +238,13 @@ def run_federation(
     for rnd in rounds_bar:
         seconds = {"_start": time.perf_counter()}
         previous = LoraAdapter.from_pretrained(round_dir(out, rnd - 1))
-        exchange = out / EXCHANGE_DIR / f"round-{rnd:04d}"
-        _train_my_clients(run, rnd, previous, state, exchange)
+        sampled = sample_clients(fed_args.seed, rnd, fed_args.num_clients, fed_args.clients_per_round)
+        collector = RoundCollector(run, previous, sampled, out / EXCHANGE_DIR / f"round-{rnd:04d}")
+        _train_my_clients(run, rnd, previous, state, collector)
         accelerator.wait_for_everyone()
         seconds["train"] = round(time.perf_counter() - seconds["_start"], 3)
         if is_main:
-            record = _server_round(run, rnd, previous, state, exchange, seconds)
+            record = server_round(run, rnd, collector, state, seconds)
             rounds_bar.set_postfix({run.metric_name: f"{record.eval[run.metric_name]:.4f}"})
         accelerator.wait_for_everyone()
         state = RunState.load(out) or state

@@ -46,6 +46,8 @@ class ClientRecord:
         loss, last_loss: mean and last training loss. num_steps, num_examples: optimiser steps, shard size.
         train_seconds: local training time. bytes_down, bytes_up: the adapter sizes received and sent.
         quality_score: the local adapter's validation score (``quality_upgrade`` scoring rounds only).
+        clipped: when ``clip_update_norm`` scaled the update down: ``{"update_norm": its norm
+            before, "factor": the scale applied}`` (the norm after is ``update_norm * factor``).
     """
 
     client: int
@@ -58,11 +60,13 @@ class ClientRecord:
     bytes_down: int
     bytes_up: int
     quality_score: float | None = None
+    clipped: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.quality_score is None:
-            del data["quality_score"]
+        for name in ("quality_score", "clipped"):
+            if data[name] is None:
+                del data[name]
         return data
 
     @classmethod
@@ -201,6 +205,8 @@ def read_records(output_dir: str | os.PathLike, up_to_round: int | None = None) 
             data = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(data, dict) or not isinstance(data.get("round", 0), int):
+            continue  # not a round's line (resuming refuses such a file: ``state.check_records``)
         if up_to_round is None or data.get("round", 0) <= up_to_round:
             records.append(RoundRecord.from_dict(data))
     return records

@@ -24,6 +24,7 @@ from .config import (
     option_defaults,
     reproduce_command,
     resume_fingerprint,
+    run_arguments,
 )
 from .instruct_config import InstructDataArguments
 from .kinds import Evaluator, TaskSetup, classification_setup
@@ -165,13 +166,14 @@ def initial_state(run: FederationRun, saved: RunState | None) -> RunState:
     fingerprint = resume_fingerprint(*run.groups)
     if saved is not None:
         saved.check_resumable(fingerprint, run.out, defaults=option_defaults(*run.groups))
+        saved.arguments = run_arguments(*run.groups)  # a raised `rounds` is kept for the next resume
         return saved
     ranks = (
         [fed.low_rank] * fed.num_clients
         if fed.quality_upgrade
         else allocate_ranks(fed.ranks, fed.num_clients, seed=fed.seed)
     )
-    state = RunState(ranks=ranks, fingerprint=fingerprint)
+    state = RunState(ranks=ranks, fingerprint=fingerprint, arguments=run_arguments(*run.groups))
     if run.accelerator.is_main_process:
         initial = run.trainer.initial_adapter(run.max_rank, seed=fed.seed)
         initial.provenance = {"round": 0, "what": "initial adapter"}

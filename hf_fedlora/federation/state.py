@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .guard import LOCK_NAME
 from .rounds import METRICS_NAME, atomic_write_text
 
 if TYPE_CHECKING:
@@ -23,6 +24,17 @@ if TYPE_CHECKING:
 
 STATE_NAME = "state.json"
 EXCHANGE_DIR = "_exchange"
+
+
+class CorruptRunError(ValueError):
+    """A run's ``state.json`` or ``metrics.jsonl`` cannot be read back (truncated, garbage, or edited)."""
+
+
+def _corrupt(path: Path, what: str) -> CorruptRunError:
+    return CorruptRunError(
+        f"'{path}' is not a valid {what}; pass `--overwrite_output_dir` to start over, or choose another "
+        "`--output_dir`."
+    )
 
 
 @dataclass
@@ -35,6 +47,8 @@ class RunState:
         scores (`dict[str, float]`): quality scores collected for the rank upgrade, by client id.
         cumulative_bytes (`int`): bytes sent up and down so far.
         fingerprint (`dict`): the options that must not change on resume.
+        arguments (`dict`): every option of the run (the Hub token left out), so that ``--resume``
+            with only ``--output_dir`` continues the same run.
     """
 
     completed_round: int = 0
@@ -42,6 +56,7 @@ class RunState:
     scores: dict[str, float] = field(default_factory=dict)
     cumulative_bytes: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    arguments: dict[str, Any] = field(default_factory=dict)
 
     def save(self, output_dir: str | os.PathLike) -> None:
         """Write ``state.json`` atomically (temp file + ``os.replace``)."""
@@ -51,11 +66,22 @@ class RunState:
 
     @classmethod
     def load(cls, output_dir: str | os.PathLike) -> RunState | None:
-        """The saved state, or ``None`` when ``output_dir`` has none."""
+        """The saved state, or ``None`` when ``output_dir`` has none.
+
+        Raises:
+            CorruptRunError: ``state.json`` is truncated, not JSON, or not a run state (names the file).
+        """
         path = Path(output_dir) / STATE_NAME
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            state = cls(**data)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise _corrupt(path, "run state (it is truncated or not the JSON a run writes)") from None
+        if not isinstance(state.completed_round, int) or not isinstance(state.ranks, list):
+            raise _corrupt(path, "run state (`completed_round` or `ranks` has the wrong type)")
+        return state
 
     def check_resumable(
         self,
@@ -91,6 +117,19 @@ class RunState:
             )
 
 
+def saved_arguments(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """The options a run in ``output_dir`` saved (``{}`` when it has no ``state.json``); a run saved
+    before the options were (``arguments`` empty) gives its fingerprint, the options that must not change.
+
+    Raises:
+        CorruptRunError: its ``state.json`` cannot be read back.
+    """
+    state = RunState.load(output_dir)
+    if state is None:
+        return {}
+    return dict(state.arguments or state.fingerprint)
+
+
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     """Delete the hidden temporary files and folders a killed run left behind; returns their names.
 
@@ -108,21 +147,64 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
+def clear_output_dir(out: Path, keep: str) -> None:
+    """Delete everything in ``out`` but the file named ``keep`` (the lock this run holds)."""
+    for path in out.iterdir():
+        if path.name == keep:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def prepare_output_dir(out: Path, fed_args: FederationArguments, accelerator: Any) -> RunState | None:
-    """Check the output folder (every process), clear it if asked (main), and return a saved state."""
+    """Check the output folder (every process), clear it if asked (main), and return a saved state.
+
+    ``--overwrite_output_dir`` clears the folder without reading it, so it also clears a corrupt
+    ``state.json``; without it a corrupt one is a :class:`CorruptRunError` naming the file."""
+    if fed_args.overwrite_output_dir:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and out.is_dir():
+            clear_output_dir(out, keep=LOCK_NAME)
+        accelerator.wait_for_everyone()
+        return None
     state = RunState.load(out)
-    if state is not None and not fed_args.resume and not fed_args.overwrite_output_dir:
+    if state is not None and fed_args.resume:
+        check_records(out)
+    if state is not None and not fed_args.resume:
         raise FileExistsError(
             f"'{out}' already holds a run (round {state.completed_round} complete); pass `--resume` to continue "
             "it, `--overwrite_output_dir` to start over, or choose another `--output_dir`."
         )
-    if fed_args.resume and state is not None:
-        return state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and out.exists() and fed_args.overwrite_output_dir:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    return None
+    return state
 
 
-__all__ = ["EXCHANGE_DIR", "STATE_NAME", "RunState", "prepare_output_dir", "remove_stale_temporaries"]
+def check_records(out: Path) -> None:
+    """Refuse to resume over a ``metrics.jsonl`` with garbage before its last line (a torn last line
+    is what a kill leaves, and resuming drops it)."""
+    path = out / METRICS_NAME
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise _corrupt(path, "metrics file (not UTF-8 text)") from None
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            data = json.loads(line)
+            ok = isinstance(data, dict) and isinstance(data.get("round"), int)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _corrupt(path, f"metrics file (line {number} is not a round's JSON object)")
+
+
+__all__ = [
+    "EXCHANGE_DIR",
+    "STATE_NAME",
+    "CorruptRunError",
+    "RunState",
+    "check_records",
+    "clear_output_dir",
+    "prepare_output_dir",
+    "remove_stale_temporaries",
+    "saved_arguments",
+]
