@@ -52,7 +52,7 @@ def declared_shape(array: Array, where: str = "array") -> tuple[int, ...]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise AdapterFormatError(
-            f"{where}: declares shape {shape!r:.80}; an array's shape is at most {MAX_NDIM} non-negative ints."
+            f"{where} declares shape {shape!r:.80}; an array's shape is at most {MAX_NDIM} non-negative ints."
         )
     return tuple(shape)
 
@@ -61,7 +61,7 @@ def _check_size(where: str, shape: tuple[int, ...], dtype: str, itemsize: int, n
     expected = math.prod(shape) * itemsize
     if expected != nbytes:
         raise AdapterFormatError(
-            f"{where}: declares shape {list(shape)} of {dtype} ({expected:,} bytes) but its data holds "
+            f"{where} declares shape {list(shape)} of {dtype} ({expected:,} bytes) but its data holds "
             f"{nbytes:,} bytes; refusing to decode it."
         )
 
@@ -79,7 +79,7 @@ def _npy_header(data: bytes, where: str) -> tuple[tuple[int, ...], bool, np.dtyp
             raise ValueError(f"unsupported .npy format version {version}")
     except (ValueError, EOFError, TypeError, SyntaxError, OverflowError, MemoryError, RecursionError) as exc:
         raise AdapterFormatError(
-            f"{where}: its data is not a readable .npy array ({len(data):,} bytes; {exc!s:.200})."
+            f"{where} holds no readable .npy array ({len(data):,} bytes; {exc!s:.200})."
         ) from None
     shape, fortran, dtype = header
     return tuple(shape), bool(fortran), dtype, buffer.tell()
@@ -89,14 +89,14 @@ def _numpy_array(array: Array, shape: tuple[int, ...], where: str) -> np.ndarray
     data = array.data
     header_shape, fortran, dtype, offset = _npy_header(data, where)
     if dtype.kind not in _NUMBER_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype:
-        raise AdapterFormatError(f"{where}: holds dtype {str(dtype)!r:.60}; a LoRA tensor holds numbers.")
+        raise AdapterFormatError(f"{where} holds dtype {str(dtype)!r:.60}; a LoRA tensor holds numbers.")
     try:
         declared = np.dtype(array.dtype)
     except (TypeError, ValueError):
         declared = None
     if declared != dtype or header_shape != shape:
         raise AdapterFormatError(
-            f"{where}: declares dtype {array.dtype!r:.40} and shape {list(shape)} but its .npy header says "
+            f"{where} declares dtype {array.dtype!r:.40} and shape {list(shape)} but its .npy header says "
             f"{str(dtype)!r} and {list(header_shape)[: MAX_NDIM + 1]}."
         )
     _check_size(where, shape, str(dtype), dtype.itemsize, len(data) - offset)
@@ -118,19 +118,19 @@ def array_to_tensor(array: Array, where: str = "array") -> torch.Tensor:
     shape = declared_shape(array, where)
     data = getattr(array, "data", None)
     if not isinstance(data, (bytes, bytearray)):
-        raise AdapterFormatError(f"{where}: its data is {type(data).__name__}, not bytes.")
+        raise AdapterFormatError(f"{where} holds {type(data).__name__} data, not bytes.")
     stype = getattr(array, "stype", None)
     if stype == RAW_STYPE:
         dtype = RAW_DTYPES.get(array.dtype) if isinstance(array.dtype, str) else None
         if dtype is None:
-            raise AdapterFormatError(f"{where}: raw array of unsupported dtype {array.dtype!r:.40}.")
+            raise AdapterFormatError(f"{where} is a raw array of unsupported dtype {array.dtype!r:.40}.")
         _check_size(where, shape, array.dtype, torch.empty((), dtype=dtype).element_size(), len(data))
         if not data:
             return torch.empty(shape, dtype=dtype)  # no elements
         return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
     if stype != NUMPY_STYPE:
         raise AdapterFormatError(
-            f"{where}: serialisation type {stype!r:.60} is not supported ('{NUMPY_STYPE}' or '{RAW_STYPE}')."
+            f"{where} has serialisation type {stype!r:.60}, not supported ('{NUMPY_STYPE}' or '{RAW_STYPE}')."
         )
     return torch.from_numpy(_numpy_array(array, shape, where))
 

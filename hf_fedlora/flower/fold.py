@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from logging import WARNING
 
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from ..adapters import LoraAdapter
@@ -57,6 +57,13 @@ class RoundReplies:
     lost: list[tuple[int, str]] = field(default_factory=list)
 
 
+def records_of(content: RecordDict, kind: type) -> dict:
+    """``content``'s records of one kind, by name. (Not ``content.array_records`` and its siblings:
+    those views hold a reference cycle back to the message, which then outlives its last use until
+    Python's cyclic garbage collector runs; a server folding replies as they come must let each go.)"""
+    return {name: record for name, record in content.items() if isinstance(record, kind)}
+
+
 def example_count(content: RecordDict, config, weighted_by_key: str, label: str) -> int:
     """A reply's example count: the last ``MetricRecord``'s ``weighted_by_key``, else the adapter's
     ``lora-num-examples``; a positive integer (an integral float is accepted) up to ``MAX_EXAMPLES``.
@@ -68,7 +75,7 @@ def example_count(content: RecordDict, config, weighted_by_key: str, label: str)
     value, where = None, None
     if NUM_EXAMPLES_KEY in config:
         value, where = config[NUM_EXAMPLES_KEY], f"ConfigRecord field `{NUM_EXAMPLES_KEY}`"
-    for name, metrics in content.metric_records.items():
+    for name, metrics in records_of(content, MetricRecord).items():
         if weighted_by_key in metrics:
             value, where = metrics[weighted_by_key], f"MetricRecord '{name}' field `{weighted_by_key}`"
     if where is None:
@@ -81,7 +88,8 @@ def example_count(content: RecordDict, config, weighted_by_key: str, label: str)
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         number = int(value)
     if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_EXAMPLES:
-        shown = f"{value!r:.40}" if not isinstance(value, int) or abs(value) < 10**18 else "a huge integer"
+        big = isinstance(value, int) and value.bit_length() > 256  # repr() refuses > 4,300 digits
+        shown = f"an integer of {value.bit_length()} bits" if big else f"{value!r:.40}"
         why = "; a client that trained on no examples adds nothing" if number == 0 else ""
         raise AdapterFormatError(
             f"{label}: {where} is {shown}; an example count must be a positive integer (at most "
@@ -127,15 +135,14 @@ class RoundFold:
         return len(self.record.node_ids)
 
     def _records(self, content: RecordDict, label: str):
-        if len(content.array_records) != 1 or len(content.config_records) < 1:
+        array_records, config_records = records_of(content, ArrayRecord), records_of(content, ConfigRecord)
+        if len(array_records) != 1 or len(config_records) < 1:
             raise AdapterFormatError(
                 f"{label}: expected one ArrayRecord and a ConfigRecord with the adapter's `lora-*` fields, got "
-                f"{len(content.array_records)} ArrayRecord(s) and {len(content.config_records)} ConfigRecord(s)."
+                f"{len(array_records)} ArrayRecord(s) and {len(config_records)} ConfigRecord(s)."
             )
-        arrays = next(iter(content.array_records.values()))
-        config = content.config_records.get(self.configrecord_key) or next(
-            iter(content.config_records.values())
-        )
+        arrays = next(iter(array_records.values()))
+        config = config_records.get(self.configrecord_key) or next(iter(config_records.values()))
         return arrays, config
 
     def fold(self, msg: Message) -> bool:
@@ -168,7 +175,7 @@ class RoundFold:
         self.record.num_examples.append(count)
         if self.keep_replies:
             self.record.replies.append(adapter)
-        self.metrics.append(RecordDict(dict(content.metric_records)))
+        self.metrics.append(RecordDict(records_of(content, MetricRecord)))
         self.ranks[node_id] = adapter.max_rank
         return True
 
@@ -179,4 +186,4 @@ class RoundFold:
         return self._aggregator.result()
 
 
-__all__ = ["MAX_EXAMPLES", "RoundFold", "RoundReplies", "example_count"]
+__all__ = ["MAX_EXAMPLES", "RoundFold", "RoundReplies", "example_count", "records_of"]
