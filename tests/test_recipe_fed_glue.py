@@ -197,6 +197,8 @@ def test_paper_setup_upgrades_the_best_scored_clients(tiny_model_dir, shared_dat
             quality_eval_samples=32,
         )
     )
+    # the card's "Load a round" snippet gives AG News its 4 labels (PEFT fails to load it otherwise)
+    assert "num_labels=4" in (out / "README.md").read_text()
     first, second = read_metrics(out)
     assert all(c["rank"] == 2 and "quality_score" in c for c in first["clients"])
     ranked = sorted(first["clients"], key=lambda c: (-c["quality_score"], c["client"]))

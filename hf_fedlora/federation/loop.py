@@ -143,7 +143,10 @@ def _finish(run: FederationRun, records: list[RoundRecord], completed_round: int
     shutil.rmtree(out / EXCHANGE_DIR, ignore_errors=True)
     summary = summary_table(records)
     run.accelerator.print(summary)
-    plot = plot_history(records, out / PLOT_NAME, metric=run.metric_name)
+    initial = LoraAdapter.from_pretrained(round_dir(out, 0)).provenance.get("eval")
+    plot = plot_history(
+        records, out / PLOT_NAME, metric=run.metric_name, strategy=run.strategy.name, baseline=initial
+    )
     card_info = {**run.writer.card_info, "summary": summary, **({"plot": PLOT_NAME} if plot else {})}
     final = LoraAdapter.from_pretrained(round_dir(out, completed_round))
     card = build_model_card(None, round_index=completed_round, config=final.config, card_info=card_info)

@@ -46,10 +46,19 @@ def summary_table(records: Sequence[RoundRecord]) -> str:
 
 
 def plot_history(
-    records: Sequence[RoundRecord], path: str | os.PathLike, metric: str = "score"
+    records: Sequence[RoundRecord],
+    path: str | os.PathLike,
+    metric: str = "score",
+    *,
+    strategy: str | None = None,
+    baseline: dict[str, float] | None = None,
 ) -> Path | None:
-    """Save a PNG with the eval metric against round and against cumulative megabytes communicated
-    (a round-0 record, the base model, is the first point of both: 0 MB).
+    """Save a PNG with the eval metric against round and against cumulative megabytes communicated.
+
+    Round 0 is the first point of both (0 MB): a round-0 record (the base model, instruction
+    tuning), or else ``baseline``, the evaluation of the initial global adapter (classification:
+    LoRA ``B = 0`` and the seeded classifier head, before any training). ``strategy`` names the
+    line and the figure's title.
 
     Returns:
         The file written, or ``None`` when there is nothing to plot.
@@ -61,17 +70,28 @@ def plot_history(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rounds = [r.round for r in records]
-    values = [r.eval[metric] for r in records]
-    megabytes = [(r.cumulative_bytes or 0) / 1e6 for r in records]
+    points = [(r.round, r.eval[metric], (r.cumulative_bytes or 0) / 1e6) for r in records]
+    start = None
+    if records[0].round == 0:
+        start = "round 0: base model"
+    elif baseline is not None and metric in baseline:
+        points.insert(0, (0, baseline[metric], 0.0))
+        start = "round 0: initial adapter"
+    rounds, values, megabytes = (list(column) for column in zip(*points))
     label = records[-1].eval_metric or metric
+    name = strategy or records[-1].strategy or "global adapter"
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    left.plot(rounds, values, marker="o")
+    left.plot(rounds, values, marker="o", label=name)
+    right.plot(megabytes, values, marker="o", color="tab:orange", label=name)
+    if start is not None:
+        for axis, x in ((left, rounds[0]), (right, megabytes[0])):
+            axis.plot([x], [values[0]], marker="s", color="gray", linestyle="none", label=start)
     left.set(xlabel="round", ylabel=label, title=f"{label} by round")
-    right.plot(megabytes, values, marker="o", color="tab:orange")
     right.set(xlabel="cumulative MB communicated (up + down)", ylabel=label, title=f"{label} by traffic")
     for axis in (left, right):
         axis.grid(alpha=0.3)
+        axis.legend(loc="best", fontsize="small")
+    fig.suptitle(f"strategy: {name}")
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -177,6 +177,8 @@ def initial_state(run: FederationRun, saved: RunState | None) -> RunState:
     if run.accelerator.is_main_process:
         initial = run.trainer.initial_adapter(run.max_rank, seed=fed.seed)
         initial.provenance = {"round": 0, "what": "initial adapter"}
+        if not run.evaluator.evaluates_base:  # the plot's round 0: the untrained global adapter
+            initial.provenance["eval"] = run.evaluate(initial, run.task.validation)
         run.writer.save_adapter(0, initial)
         # a new run keeps no line, not even the round 0 of a run killed before it saved its state
         run.writer.resume(-1)
