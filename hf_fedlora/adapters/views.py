@@ -39,8 +39,14 @@ def rank_view(
     use_rslora: bool = False,
     method: SendBackMethod = "truncate",
     seed: int = 0,
+    revive_zero_slots: bool = False,
 ) -> Any:
-    """``adapter`` (a ``LoraAdapter``) at ``rank`` with the client's alpha; see ``LoraAdapter.to_rank``."""
+    """``adapter`` (a ``LoraAdapter``) at ``rank`` with the client's alpha; see ``LoraAdapter.to_rank``.
+
+    ``revive_zero_slots`` (opt-in): slots whose A row and B column are both exactly zero (what
+    zero-padding leaves once a round has no client of that rank: A = B = 0 has no gradient, so no
+    client could train them again) get PEFT's initialisation too, like the padded slots: the
+    update is unchanged (B stays zero) but the slots are trainable again."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"`rank` must be a positive integer, got {rank!r:.60}.")
     if lora_alpha is not None and not positive_number(lora_alpha, integer=False):
@@ -73,6 +79,13 @@ def rank_view(
         if empty is not None and empty.any():
             a, b = a.clone(), b.clone()
             _init_slots(a, b, empty, embedding, generator)
+        if revive_zero_slots:
+            dead = ~a.reshape(a.shape[0], -1).any(dim=1) & ~b.reshape(b.shape[0], b.shape[1], -1).any(
+                dim=(0, 2)
+            )
+            if dead.any():
+                a, b = a.clone(), b.clone()
+                _init_slots(a, b, dead, embedding, generator)
         if a.shape[0] < rank:
             fresh = torch.arange(rank) >= a.shape[0]
             a, b = pad_rows(a, rank), pad_cols(b, rank)

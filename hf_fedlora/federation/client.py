@@ -12,6 +12,7 @@ the result does not depend on which process, or in which order, the client is tr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 
 from ..adapters import LoraAdapter
+from ..adapters.views import rank_view
 from ..linalg import lora_a_init
 from .data import TextSplit
+from .nested_rank import NestedRankMask
 
 if TYPE_CHECKING:
     from .config import ClientArguments
@@ -250,6 +253,11 @@ class LocalTrainer:
         """Train one client; see :func:`train_client` for the arguments (``progress``: a tqdm bar
         advanced once per step)."""
         start = time.perf_counter()
+        if view is not None and getattr(args, "revive_zero_slots", False):  # zero slots get PEFT's init
+            view = self.client_view(view, rank)
+            view = rank_view(
+                view, rank, self.lora_alpha, use_rslora=self.use_rslora, seed=seed, revive_zero_slots=True
+            )
         name = self.load(view if view is not None else self.initial_adapter(rank, seed), rank)
         model = self.model
         model.train()
@@ -260,19 +268,27 @@ class LocalTrainer:
         steps, bs, n = args.num_local_steps(len(shard)), args.per_device_train_batch_size, len(shard)
         order: list[int] = []
         losses: list[float] = []
-        for _ in range(steps):
-            if len(order) < min(bs, n):
-                order += torch.randperm(n, generator=generator).tolist()
-            batch, order = order[: min(bs, n)], order[min(bs, n) :]
-            loss = model(**self._batch(shard, batch, max_seq_length)).loss
-            loss.backward()
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress.update(1)
+        nested = (
+            NestedRankMask(model, name, rank, args.nested_rank_distribution, seed)
+            if getattr(args, "nested_rank", False)
+            else None
+        )
+        with nested or contextlib.nullcontext():
+            for _ in range(steps):
+                if nested is not None:
+                    nested.step()  # this step's truncation rank: slots >= t masked
+                if len(order) < min(bs, n):
+                    order += torch.randperm(n, generator=generator).tolist()
+                batch, order = order[: min(bs, n)], order[min(bs, n) :]
+                loss = model(**self._batch(shard, batch, max_seq_length)).loss
+                loss.backward()
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress.update(1)
         model.eval()
         adapter = LoraAdapter.from_peft_model(model, name, label=f"client adapter (rank {rank})")
         adapter.num_examples = n

@@ -10,6 +10,7 @@ from .base import ModuleInputs, ModuleStacks, Strategy
 from .fedavg import FedAvgStrategy
 from .flexlora import FlexLoraStrategy
 from .hetlora import HetLoraStrategy
+from .raflora import RaFloraStrategy
 from .registry import get_strategy, list_strategies, register_strategy
 from .replication import ReplicationStrategy
 from .stacking import StackingStrategy
@@ -21,6 +22,7 @@ __all__ = [
     "HetLoraStrategy",
     "ModuleInputs",
     "ModuleStacks",
+    "RaFloraStrategy",
     "ReplicationStrategy",
     "StackingStrategy",
     "Strategy",
