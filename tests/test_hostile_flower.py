@@ -421,13 +421,17 @@ def _config_json(text: str):
 
 
 @pytest.mark.parametrize(
-    "how, text, message",
+    "text, message",
     [
-        ("2-MiB", json.dumps({"peft_type": "LORA", "pad": "x" * (2 << 20)}), "over the limit of 1,048,576"),
-        ("100k-deep", "[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),
+        pytest.param(
+            json.dumps({"peft_type": "LORA", "pad": "x" * (2 << 20)}),
+            "over the limit of 1,048,576",
+            id="2-MiB",
+        ),
+        pytest.param("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels", id="100k-deep"),
     ],
 )
-def test_an_oversized_or_deeply_nested_lora_config_is_refused(initial, how, text, message) -> None:
+def test_an_oversized_or_deeply_nested_lora_config_is_refused(initial, text, message) -> None:
     reason, took, _ = _hostile_round(initial, _config_json(text))
     assert re.search(rf"reply from node {BAD}: field `lora-config` .*{message}", reason), reason
     assert took < 10
