@@ -175,7 +175,9 @@ def test_resume_needs_only_the_output_dir(baseline, tiny_model_dir, shared_data,
 
 
 @pytest.mark.parametrize(
-    "name, garbage", [("state.json", '{"completed_round": 2, "ra'), ("metrics.jsonl", "\x00garbage\n{}\n")]
+    "name, garbage",
+    [("state.json", '{"completed_round": 2, "ra'), ("metrics.jsonl", "\x00garbage\n{}\n")],
+    ids=["state.json", "metrics.jsonl"],
 )
 def test_corrupt_state_is_named_and_overwrite_clears_it(
     name, garbage, baseline, tiny_model_dir, shared_data, tmp_path, capsys, restore_signals

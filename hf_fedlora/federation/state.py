@@ -14,13 +14,10 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .guard import LOCK_NAME
 from .rounds import METRICS_NAME, atomic_write_text
-
-if TYPE_CHECKING:
-    from .config import FederationArguments
 
 STATE_NAME = "state.json"
 EXCHANGE_DIR = "_exchange"
@@ -155,8 +152,9 @@ def clear_output_dir(out: Path, keep: str) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def prepare_output_dir(out: Path, fed_args: FederationArguments, accelerator: Any) -> RunState | None:
-    """Check the output folder (every process), clear it if asked (main), and return a saved state.
+def prepare_output_dir(out: Path, fed_args: Any, accelerator: Any) -> RunState | None:
+    """Check the output folder (every process), clear it if asked (main), and return a saved state
+    (``fed_args``: the run's ``FederationArguments``).
 
     ``--overwrite_output_dir`` clears the folder without reading it, so it also clears a corrupt
     ``state.json``; without it a corrupt one is a :class:`CorruptRunError` naming the file."""
