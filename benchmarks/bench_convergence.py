@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report_convergence  # noqa: E402
 from _common import machine_info, preset_names, write_json  # noqa: E402
-from convergence_runs import ALL_STRATEGIES, Preset, collect_run, load_presets, run_one  # noqa: E402
+from convergence_runs import Preset, collect_run, load_presets, parse_label, run_one  # noqa: E402
 from report_convergence import run_name  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def write_report(
     from the JSON already in ``out``."""
     previous = out / f"convergence_{preset.name}.json"
     runs = {}
-    for strategy in preset.strategies:
+    for strategy in preset.labels():
         for seed in preset.seeds:
             r = collect_run(preset, strategy, seed, workdir)
             if r is not None:
@@ -96,7 +96,8 @@ def write_report(
         return report
     described = {
         "name": preset.name,
-        "strategies": list(preset.strategies),
+        "strategies": preset.labels(),
+        "base_strategies": list(preset.strategies),
         "seeds": list(preset.seeds),
         "rounds": preset.rounds,
         "targets": list(preset.targets),
@@ -146,12 +147,17 @@ def write_report(
 
 def run_order(preset: Preset) -> list[tuple[int, str]]:
     """Replication and zero-padding (the question asked) over every seed first, seed by seed, so
-    paired runs finish together; then the other strategies seed by seed."""
-    first = [st for st in ("replication", "zero_padding") if st in preset.strategies]
-    rest = [st for st in preset.strategies if st not in first]
-    return [(sd, st) for sd in preset.seeds for st in first] + [
-        (sd, st) for sd in preset.seeds for st in rest
-    ]
+    paired runs finish together; then the other strategies seed by seed. With cells: cell by cell,
+    each in that order."""
+    order = []
+    for cell in preset.cells or [None]:
+        labels = [lb for lb in preset.labels() if parse_label(lb)[2] == cell]
+        first = [lb for lb in labels if lb.split("@")[0] in ("replication", "zero_padding")]
+        rest = [lb for lb in labels if lb not in first]
+        order += [(sd, lb) for sd in preset.seeds for lb in first] + [
+            (sd, lb) for sd in preset.seeds for lb in rest
+        ]
+    return order
 
 
 def _job(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, threads: int | None) -> str:
@@ -175,16 +181,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--strategies",
         nargs="+",
-        choices=ALL_STRATEGIES,
-        help="run only these of the preset's strategies now (the results still cover the whole preset)",
+        help="run only these of the preset's strategies (e.g. replication, zero_padding+revive) now (the "
+        "results still cover the whole preset)",
     )
+    parser.add_argument("--cells", nargs="+", help="run only these of the preset's regime cells now")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the preset's seeds now")
     parser.add_argument("--rounds", type=int, help="override the preset's rounds")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "bench_convergence")
     parser.add_argument(
         "--data-dir", type=Path, default=DATA_DIR, help="AG News folder (train.tsv, test.tsv)"
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where the JSON, page and plots go (default: <workdir>/results, a scratch folder; "
+        "--publish: docs/results/)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the results to docs/results/ (the committed pages), unless --out says otherwise",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -226,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="auto: the GPU when there is one (training, evaluation); cpu: never the GPU",
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = REPO_ROOT / "docs" / "results" if args.publish else args.workdir / "results"
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
@@ -261,16 +280,19 @@ def main(argv: list[str] | None = None) -> dict:
             commands_path,
             [*run_commands(args.workdir, preset), f"{time.strftime('%Y-%m-%d %H:%M')}: {command}"],
         )
-        extra = sorted(set(args.strategies or []) - set(preset.strategies)) + sorted(
-            set(args.seeds or []) - set(preset.seeds)
+        extra = (
+            sorted(set(args.strategies or []) - {lb.split("@")[0] for lb in preset.labels()})
+            + sorted(set(args.seeds or []) - set(preset.seeds))
+            + sorted(set(args.cells or []) - set(preset.cells or []))
         )
         if extra:
             raise SystemExit(f"{extra} are not in preset {preset.name!r}")
         todo = [
-            (seed, strategy)
-            for seed, strategy in run_order(preset)
-            if not (args.strategies and strategy not in args.strategies)
+            (seed, label)
+            for seed, label in run_order(preset)
+            if not (args.strategies and label.split("@")[0] not in args.strategies)
             and not (args.seeds and seed not in args.seeds)
+            and not (args.cells and parse_label(label)[2] not in args.cells)
         ]
         args.jobs = args.jobs or max(1, min(len(todo), (os.cpu_count() or 1) // max(1, args.threads or 1)))
         machine["jobs"] = args.jobs

@@ -22,9 +22,24 @@ from typing import Any
 from _common import load_preset, preset_names, write_json
 from report_convergence import run_name
 
-HETEROGENEOUS = ("replication", "zero_padding", "hetlora", "flexlora", "stacking")
+HETEROGENEOUS = ("replication", "zero_padding", "hetlora", "flexlora", "stacking", "raflora")
 HOMOGENEOUS = {"homogeneous_r5": "5", "homogeneous_r20": "20"}
 ALL_STRATEGIES = (*HETEROGENEOUS, *HOMOGENEOUS)
+MODIFIERS = {"nested": "nested_rank", "revive": "revive_zero_slots"}
+"""Client-side options a run's label can add to its strategy: ``replication+nested``,
+``zero_padding+revive`` (``ClientArguments`` fields, the same bytes per round)."""
+
+
+def parse_label(label: str) -> tuple[str, tuple[str, ...], str | None]:
+    """``strategy[+modifier...][@cell]`` -> (strategy, modifiers, cell).
+
+    Raises:
+        ValueError: an unknown strategy or modifier."""
+    body, _, cell = label.partition("@")
+    strategy, *mods = body.split("+")
+    if strategy not in ALL_STRATEGIES or any(m not in MODIFIERS for m in mods):
+        raise ValueError(f"run label {label!r}: strategies {ALL_STRATEGIES}, modifiers {sorted(MODIFIERS)}")
+    return strategy, tuple(mods), cell or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +74,30 @@ class Preset:
     model_config_overrides: str | None
     rank_mode: str
     targets: tuple[float, ...]
+    diagnostic_samples: int | None
+    """Test rows of the post-aggregation diagnostic (``None``: ``eval_samples``)."""
+    cells: dict[str, dict] | None
+    """Regime cells, name -> overrides of settings fields; every strategy runs in every cell, as
+    ``<strategy>@<cell>`` (``None``: one cell, the preset as written)."""
 
     def settings(self) -> dict[str, Any]:
-        skip = {"name", "strategies", "seeds", "rounds", "targets"}
+        skip = {"name", "strategies", "seeds", "rounds", "targets", "cells"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def labels(self) -> list[str]:
+        """The runs' labels (one per strategy and cell), in the page's order."""
+        return (
+            [f"{s}@{c}" for c in self.cells for s in self.strategies] if self.cells else list(self.strategies)
+        )
+
+    def for_label(self, label: str) -> Preset:
+        """The settings of the runs of ``label``: the preset with its cell's overrides."""
+        cell = parse_label(label)[2]
+        if cell is None or self.cells is None:  # a cell's preset is its own
+            return self
+        if cell not in self.cells:
+            raise ValueError(f"preset {self.name!r} has no cell {cell!r}")
+        return dataclasses.replace(self, cells=None, **self.cells[cell])
 
 
 def load_presets() -> dict[str, Preset]:
@@ -74,6 +109,7 @@ def recipe_arguments(preset: Preset, strategy: str, seed: int, out: Path, data_d
     """The recipe's four ``*Arguments`` for one run."""
     from hf_fedlora.federation import ClientArguments, DataArguments, FederationArguments, ModelArguments
 
+    preset, (strategy, mods, _) = preset.for_label(strategy), parse_label(strategy)
     homogeneous = strategy in HOMOGENEOUS
     upgrade = preset.rank_mode == "quality_upgrade" and not homogeneous
     if homogeneous:
@@ -99,6 +135,7 @@ def recipe_arguments(preset: Preset, strategy: str, seed: int, out: Path, data_d
         per_device_eval_batch_size=preset.eval_batch_size,
         learning_rate=preset.learning_rate,
         lora_alpha=preset.lora_alpha,
+        **{MODIFIERS[m]: True for m in mods},
     )
     fed = FederationArguments(
         num_clients=preset.num_clients,
@@ -162,6 +199,9 @@ def evaluator(preset: Preset, data_dir: Path) -> dict[str, Any]:
             metric=load_glue_metric(task.metric, keep_in_memory=True),
             test=task.validation,
             subset=task.validation.select(range(min(preset.eval_samples, len(task.validation)))),
+            diagnostic=task.validation.select(
+                range(min(preset.diagnostic_samples or preset.eval_samples, len(task.validation)))
+            ),
         )
     return _EVAL
 
@@ -176,6 +216,7 @@ def accuracy(preset: Preset, data_dir: Path, adapter: Any, split: str) -> float:
 def send_back_method(strategy: str) -> str:
     from hf_fedlora import get_strategy
 
+    strategy = parse_label(strategy)[0]
     return get_strategy("fedavg" if strategy in HOMOGENEOUS else strategy).send_back
 
 
@@ -186,7 +227,8 @@ def run_diagnostic(preset: Preset, strategy: str, run_dir: Path, data_dir: Path)
 
     path = run_dir / "diagnostic.json"
     done = json.loads(path.read_text()) if path.is_file() else []
-    if strategy in HOMOGENEOUS:
+    preset = preset.for_label(strategy)
+    if parse_label(strategy)[0] in HOMOGENEOUS:
         return done
     seen = {(d["round"], d["client"]) for d in done}
     method = send_back_method(strategy)
@@ -200,10 +242,10 @@ def run_diagnostic(preset: Preset, strategy: str, run_dir: Path, data_dir: Path)
         global_view = LoraAdapter.from_pretrained(run_dir / f"round-{rnd:04d}").to_rank(
             preset.high_rank, lora_alpha=preset.lora_alpha, method=method
         )
-        after = accuracy(preset, data_dir, global_view, "subset")
+        after = accuracy(preset, data_dir, global_view, "diagnostic")
         for c in high:
             folder = run_dir / "clients" / f"round-{rnd:04d}" / f"client-{c.client:04d}"
-            before = accuracy(preset, data_dir, LoraAdapter.from_pretrained(folder), "subset")
+            before = accuracy(preset, data_dir, LoraAdapter.from_pretrained(folder), "diagnostic")
             done.append(
                 {
                     "round": rnd,
@@ -228,6 +270,12 @@ def final_test(preset: Preset, run_dir: Path, data_dir: Path, completed: int) ->
         if cached.get("round") == completed:
             return cached
     start = time.perf_counter()
+    if preset.final_eval_samples is not None and preset.final_eval_samples == preset.eval_samples:
+        # the same rows as the per-round evaluation: its last score is the final test (CPU presets)
+        last = read_metrics(run_dir)[completed - 1]
+        result = {"round": completed, "accuracy": last.eval["score"], "num_examples": preset.eval_samples}
+        write_json(path, {**result, "seconds": 0.0, "from": "the last round's evaluation"})
+        return json.loads(path.read_text())
     acc = accuracy(preset, data_dir, LoraAdapter.from_pretrained(run_dir / f"round-{completed:04d}"), "test")
     result = {
         "round": completed,
@@ -289,14 +337,19 @@ def completed_rounds(run_dir: Path) -> int:
     return state.completed_round if state else 0
 
 
-def _reusable_source(workdir: Path, preset: Preset, name: str) -> Path | None:
-    """A finished run of another preset with the same settings (and at most our rounds)."""
+def _reusable_source(workdir: Path, preset: Preset, label: str, seed: int) -> Path | None:
+    """A finished run of another preset with the same strategy, client options and settings (its
+    cell's, if any) and at most our rounds."""
+    mine, settings = parse_label(label)[:2], preset.for_label(label).settings()
     for other in load_presets().values():
-        if other.name == preset.name or other.settings() != preset.settings() or other.rounds > preset.rounds:
+        if other.name == preset.name or other.rounds > preset.rounds:
             continue
-        src = workdir / other.name / name
-        if completed_rounds(src) == other.rounds and (src / "bench_run.json").is_file():
-            return src
+        for theirs in other.labels():
+            if parse_label(theirs)[:2] != mine or other.for_label(theirs).settings() != settings:
+                continue
+            src = workdir / other.name / run_name(theirs, seed)
+            if completed_rounds(src) == other.rounds and (src / "bench_run.json").is_file():
+                return src
     return None
 
 
@@ -320,12 +373,12 @@ def run_one(
     Torch's thread count is the caller's: ``threads`` is only recorded with the rounds run."""
     from hf_fedlora.federation import run_federation
 
-    name = run_name(strategy, seed)
+    name, cell = run_name(strategy, seed), preset.for_label(strategy)
     run_dir = workdir / preset.name / name
     meta_path = run_dir / "bench_run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if not meta and not (run_dir / "state.json").is_file():
-        source = _reusable_source(workdir, preset, name)
+        source = _reusable_source(workdir, preset, strategy, seed)
         if source is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(source, run_dir)
@@ -335,9 +388,9 @@ def run_one(
             }
             (run_dir / "final_test.json").unlink(missing_ok=True)
             log(f"{name}: continuing the {meta['extended_from']} run ({completed_rounds(run_dir)} rounds)")
-    if meta and meta.get("settings") != preset.settings():
+    if meta and meta.get("settings") != cell.settings():
         raise ValueError(f"'{run_dir}' was run with other settings; delete it or use another --workdir.")
-    meta.update(strategy=strategy, seed=seed, settings=preset.settings())
+    meta.update(strategy=strategy, seed=seed, settings=cell.settings())
     done = completed_rounds(run_dir)
     if done < preset.rounds:
         meta["complete"] = False
@@ -362,8 +415,8 @@ def run_one(
     start = time.perf_counter()
     diag = run_diagnostic(preset, strategy, run_dir, data_dir)
     meta["diagnostic_seconds"] = round(meta.get("diagnostic_seconds", 0) + time.perf_counter() - start, 1)
-    final = final_test(preset, run_dir, data_dir, completed_rounds(run_dir))
-    high_slots(preset, run_dir, completed_rounds(run_dir))
+    final = final_test(cell, run_dir, data_dir, completed_rounds(run_dir))
+    high_slots(cell, run_dir, completed_rounds(run_dir))
     meta["complete"] = True
     write_json(meta_path, meta)
     log(f"{name}: done; final test accuracy {final['accuracy']:.4f}, {len(diag)} diagnostic pairs")
@@ -385,7 +438,7 @@ def collect_run(preset: Preset, strategy: str, seed: int, workdir: Path) -> dict
         and final is not None
         and final["round"] == len(records)
     )
-    slots = high_slots(preset, run_dir, len(records)) if complete else None
+    slots = high_slots(preset.for_label(strategy), run_dir, len(records)) if complete else None
     rounds = []
     for r in records[: preset.rounds]:
         clients = r.clients

@@ -5,6 +5,7 @@ every metric, the diagnostic, the markdown and both plots, and ``--resume`` skip
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -109,7 +110,16 @@ def test_parallel_runs_give_the_same_results_as_in_process(smoke: dict, tmp_path
 def test_presets_keep_their_settings() -> None:
     """The YAML presets: quick and full share a run's settings (full extends quick's runs), smoke is tiny."""
     presets = load_benchmark("bench_convergence").load_presets()
-    assert sorted(presets) == ["full", "paper", "quick", "smoke"]
+    assert sorted(presets) == [
+        "beyond",
+        "beyond_cpu",
+        "full",
+        "paper",
+        "quick",
+        "regimes",
+        "regimes_cpu",
+        "smoke",
+    ]
     quick, full, paper = presets["quick"], presets["full"], presets["paper"]
     assert quick.settings() == full.settings() and paper.settings() != quick.settings()
     assert (full.rounds, full.seeds, len(full.strategies)) == (30, (0, 1, 2), 7)
@@ -122,3 +132,71 @@ def test_presets_keep_their_settings() -> None:
         presets["smoke"].targets == (0.3, 0.5)
         and presets["smoke"].model_config_overrides == "num_hidden_layers=1"
     )
+
+
+def test_regime_presets_cells_and_labels() -> None:
+    """Issue 15's presets: GPU ones evaluate every round on all 7,600 test rows, CPU ones on 2,000;
+    a cell overrides settings; a label carries client options; the CPU subsets share runs."""
+    load_benchmark("bench_convergence")  # puts benchmarks/ on sys.path
+    runs = sys.modules["convergence_runs"]
+    presets = runs.load_presets()
+    regimes, beyond = presets["regimes"], presets["beyond"]
+    assert regimes.eval_samples == beyond.eval_samples == 7600 and len(regimes.seeds) == 5
+    assert presets["regimes_cpu"].eval_samples >= 2000 and presets["beyond_cpu"].eval_samples >= 2000
+    assert {"base", "epochs5", "clients20", "lr3e-3", "gap2-64", "hq30"} <= set(regimes.cells)
+    cell = regimes.for_label("zero_padding@gap2-64")
+    assert (cell.low_rank, cell.high_rank, cell.learning_rate) == (2, 64, 0.001) and cell.cells is None
+    assert regimes.for_label("replication@clients20").settings()["num_clients"] == 20
+    assert runs.parse_label("raflora+nested@base") == ("raflora", ("nested",), "base")
+    with pytest.raises(ValueError, match="modifiers"):
+        runs.parse_label("replication+dropout")
+    _, _, client, fed = runs.recipe_arguments(
+        beyond, "zero_padding+revive@lr3e-3_gap2-64", 0, Path("out"), Path("data"), resume=False
+    )
+    assert client.revive_zero_slots and not client.nested_rank and client.learning_rate == 0.003
+    assert fed.strategy == "zero_padding" and set(fed.ranks.split(",")) == {"2", "64"}
+    cpu_r, cpu_b = presets["regimes_cpu"], presets["beyond_cpu"]
+    label = "replication@lr3e-3_gap2-64"
+    assert cpu_r.for_label(label).settings() == cpu_b.for_label(label).settings()
+
+
+def test_rounds_to_target_is_a_moving_average_that_stays() -> None:
+    load_benchmark("bench_convergence")  # puts benchmarks/ on sys.path
+    paired = sys.modules["report_paired"]
+    curve = [0.5, 0.9, 0.6, 0.9, 0.9, 0.9]
+    assert paired.moving_average(curve)[:3] == pytest.approx([0.5, 0.7, 2.0 / 3])
+    # the first crossing of 0.85 is round 2, but the 3-round average only stays above it from round 6
+    assert paired.rounds_to_stay(curve, 0.85) == 6
+    assert paired.rounds_to_stay(curve, 0.95) is None and paired.rounds_to_stay(curve, 0.4) == 1
+    assert paired.rounds_to_stay([0.9, 0.9, 0.1, 0.1], 0.5) is None  # it drops below again
+
+
+def test_paired_differences_match_seed_by_seed() -> None:
+    load_benchmark("bench_convergence")  # puts benchmarks/ on sys.path
+    paired = sys.modules["report_paired"]
+
+    def run(seed, accs, final):
+        return {
+            "seed": seed,
+            "complete": True,
+            "rounds": [{"accuracy": a} for a in accs],
+            "final_test": {"accuracy": final},
+        }
+
+    a = [run(0, [0.5, 0.7], 0.8), run(1, [0.6, 0.8], 0.9), run(2, [0.4, 0.6], 0.7)]
+    b = [run(0, [0.5, 0.5], 0.7), run(2, [0.4, 0.4], 0.72), run(1, [0.6, 0.7], 0.85)]
+    out = paired.paired(a, b)
+    assert out["n"] == 3 and out["seeds"] == [0, 1, 2]
+    assert out["auc"]["per_seed"] == pytest.approx([0.1, 0.05, 0.1])
+    assert out["auc"]["mean"] == pytest.approx(0.25 / 3) and not out["auc"]["within_2_std"]
+    assert out["final"]["per_seed"] == pytest.approx([0.1, 0.05, -0.02]) and out["final"]["within_2_std"]
+    assert out["final"]["same_sign"] == 2
+
+
+def test_results_go_to_a_scratch_folder_unless_published(tmp_path: Path) -> None:
+    bench = load_benchmark("bench_convergence")
+    (tmp_path / "convergence_smoke.json").write_text("{}")  # nothing to collect: only the flags are checked
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    report = bench.main(["--preset", "smoke", "--report-only", "--workdir", str(tmp_path / "w")])
+    assert report["runs"] == {} and (tmp_path / "w" / "results" / "convergence_smoke.md").is_file()
