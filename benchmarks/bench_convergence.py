@@ -13,7 +13,19 @@ flexlora, stacking; baselines: homogeneous rank 5 and rank 20 (fedavg).
     python benchmarks/bench_convergence.py --preset full --resume  # all strategies, 3 seeds, 30 rounds
     python benchmarks/bench_convergence.py --preset paper --resume # the paper's rank upgrade, 3 seeds
     python benchmarks/bench_convergence.py --preset full --jobs 11 --threads 1  # on a GPU machine: 4.6 min (H200)
-    python benchmarks/bench_convergence.py --preset full --report-only   # rewrite the results pages
+    python benchmarks/bench_convergence.py --preset full --report-only --publish  # rewrite docs/results/
+
+Issue 15's presets (runs are ``<strategy>[+nested][+revive]@<cell>-seed<k>``): ``regimes``
+(replication / zero_padding / flexlora in 7 regime cells) and ``beyond`` (raflora, nested-rank
+training, revived slots and their combinations against replication, flexlora and stacking), 5 seeds,
+30 rounds, all 7,600 test rows every round; on a GPU machine, both (resumable; rerun the same line
+until the page says every run is complete):
+
+    python benchmarks/bench_convergence.py --preset regimes --resume --jobs 16 --threads 1 --max-minutes 9 --publish && \
+    python benchmarks/bench_convergence.py --preset beyond --resume --jobs 16 --threads 1 --max-minutes 9 --publish
+
+``regimes_cpu`` and ``beyond_cpu`` are their CPU subsets (one cell, 3 rounds, 2,000 rows per round).
+Results go to ``<workdir>/results/`` unless ``--publish`` (``docs/results/``) or ``--out``.
 
 Measured per run: accuracy of the global adapter on a fixed test subset after every round, the final
 global adapter on the full test set, bytes up/down (from ``metrics.jsonl``), and the post-aggregation
@@ -22,7 +34,7 @@ accuracy (before aggregation) and that of its rank-20 view of the round's global
 
 Runs go to ``<workdir>/<preset>/<strategy>-seed<k>/``; a killed benchmark continues with ``--resume``
 (complete runs are skipped, a partial run resumes from its last complete round). Results:
-``docs/results/convergence_<preset>.json``, ``.md`` (rendered from the JSON) and ``_*.png``.
+``convergence_<preset>.json``, ``.md`` (rendered from the JSON) and ``_*.png``, in ``--out``.
 
 Presets are ``configs/convergence_<preset>.yaml``; one run and its measurements are in
 ``convergence_runs.py``, the summaries, plots and page in ``report_convergence.py``. Torch's thread
@@ -51,6 +63,7 @@ import report_convergence  # noqa: E402
 from _common import machine_info, preset_names, write_json  # noqa: E402
 from convergence_runs import Preset, collect_run, load_presets, parse_label, run_one  # noqa: E402
 from report_convergence import run_name  # noqa: E402
+from report_paired import subset_summary  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "ag_news"
@@ -139,6 +152,9 @@ def write_report(
             }
         )
     report["progress"] = report_convergence.progress(described, runs)
+    sibling = out / f"convergence_{preset.name}_cpu.json"
+    if sibling.is_file():  # the GPU preset's page shows what its CPU subset measured
+        report["cpu_subset"] = subset_summary(json.loads(sibling.read_text()))
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = report_convergence.plot(described, summary, out)
     report_convergence.write_pages(out, report)

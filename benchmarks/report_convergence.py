@@ -11,8 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import report_paired as rp
 from _common import markdown_table, write_json
-from report_paired import cells_section, paired_all, paired_section, per_seed_curves, rounds_to_stay
 
 
 def run_name(strategy: str, seed: int) -> str:
@@ -30,7 +30,7 @@ def _std(xs: list[float]) -> float | None:
 
 def rounds_to(curve: list[float], target: float) -> int | None:
     """The first round from which the 3-round moving average stays at or above ``target``."""
-    return rounds_to_stay(curve, target)
+    return rp.rounds_to_stay(curve, target)
 
 
 def summarize_strategy(preset: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,7 +164,7 @@ def summarize_all(preset: dict[str, Any], runs: dict[str, dict[str, Any]]) -> di
             "rounds_compared": [len(a["rounds"]) for a, _ in pairs],
         }
     summary["paired_vs_zero_padding"] = paired
-    summary["paired"] = paired_all(preset, runs)
+    summary["paired"] = rp.paired_all(preset, runs)
     return summary
 
 
@@ -323,6 +323,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "(seed, round, client), so runs with the same seed differ only in the strategy.",
         "",
     ]
+    lines += rp.cells_section(p) + rp.subset_section(report)
     scored = {k: v for k, v in s["strategies"].items() if "auc" in v}
     if not scored:
         lines.append("No complete runs yet.")
@@ -370,7 +371,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             rows,
         )
     )
-    lines += cells_section(p) + paired_section(report)
+    lines += rp.paired_section(report)
     paired = s.get("paired_vs_zero_padding") or {}
     if paired:
         lines += ["", "### Paired differences against `zero_padding` (same seed)", ""]
@@ -478,7 +479,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ],
         )
     )
-    lines += per_seed_curves(report)
+    lines += rp.per_seed_curves(report)
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in report.get("plots", [])]
     return "\n".join(lines) + "\n"
 

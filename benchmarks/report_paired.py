@@ -133,7 +133,11 @@ def cells_section(preset: dict[str, Any]) -> list[str]:
         [f"`{name}`", ", ".join(f"{k} = {v}" for k, v in over.items()) or "(the preset as written)"]
         for name, over in cells.items()
     ]
-    return ["", "### Regime cells", "", markdown_table(["cell", "overrides"], rows)]
+    note = (
+        "Every run is `<strategy>@<cell>`: the cell's settings replace those above (learning rate, ranks, "
+        "clients...); the rank-slot and diagnostic sections below use each cell's own low and high rank."
+    )
+    return ["", "### Regime cells", "", note, "", markdown_table(["cell", "overrides"], rows), ""]
 
 
 def per_seed_curves(report: dict[str, Any]) -> list[str]:
@@ -157,3 +161,58 @@ def per_seed_curves(report: dict[str, Any]) -> list[str]:
         "",
         markdown_table(["run", "seed", *[str(i + 1) for i in range(n)]], rows),
     ]
+
+
+def subset_summary(sibling: dict[str, Any]) -> dict[str, Any]:
+    """What the page of a GPU preset shows of its CPU subset's JSON (``<preset>_cpu``): the subset's
+    settings, its per-strategy AUC and final accuracy, and its paired differences."""
+    p = sibling["preset"]
+    return {
+        "name": p["name"],
+        "settings": {
+            k: p[k]
+            for k in ("rounds", "seeds", "eval_samples", "final_eval_samples", "diagnostic_samples", "cells")
+        },
+        "strategies": {
+            k: {
+                "seeds": v["seeds_complete"],
+                "auc": v["auc"],
+                "final": v["final_test"],
+                "rounds_to_target": v["rounds_to_target"],
+            }
+            for k, v in sibling["summary"]["strategies"].items()
+            if "auc" in v
+        },
+        "paired": sibling["summary"].get("paired") or {},
+        "runs_complete": sorted(k for k, r in sibling["runs"].items() if r["complete"]),
+    }
+
+
+def subset_section(report: dict[str, Any]) -> list[str]:
+    """The CPU subset's figures on the GPU preset's page (``report["cpu_subset"]``)."""
+    sub = report.get("cpu_subset")
+    if not sub:
+        return []
+    st = sub["settings"]
+    lines = [
+        "",
+        f"## What the CPU subset `{sub['name']}` measured so far",
+        "",
+        f"From `convergence_{sub['name']}.json` (page `convergence_{sub['name']}.md`): cells {list(st['cells'] or ['(none)'])}, "
+        f"{st['rounds']} rounds, seeds {st['seeds']}, every round on the first {st['eval_samples']} test rows "
+        f"(final accuracy: the last round's, on those rows). Runs complete: {', '.join(sub['runs_complete']) or 'none'}.",
+        "",
+    ]
+    rows = [
+        [
+            f"`{k}`",
+            len(v["seeds"]),
+            f"{100 * v['auc']['mean']:.1f}"
+            + (f" ± {100 * v['auc']['std']:.1f}" if len(v["seeds"]) > 1 else ""),
+            f"{100 * v['final']['mean']:.1f}"
+            + (f" ± {100 * v['final']['std']:.1f}" if len(v["seeds"]) > 1 else ""),
+        ]
+        for k, v in sub["strategies"].items()
+    ]
+    lines.append(markdown_table(["strategy@cell", "seeds", "AUC %", "final %"], rows))
+    return lines + paired_section({"summary": {"paired": sub["paired"]}})
