@@ -5,19 +5,19 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from peft import LoraConfig
 
 from .adapters import LoraAdapter
-from .adapters.keys import bias_key, magnitude_key
+from .adapters.reference import check_against, majority_reference
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
-from .adapters.validate import check_compatible
 from .constants import __version__
 from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError
-from .strategies import ModuleInputs, Strategy, get_strategy
+from .merging import merge_modules
+from .strategies import Strategy, get_strategy
 
 
 def resolve_weights(
@@ -85,27 +85,6 @@ def _output_dtype(adapters: Sequence[LoraAdapter], dtype: torch.dtype | None) ->
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _name_non_finite_input(adapters: Sequence[LoraAdapter], module: str) -> None:
-    """Raise ``NonFiniteTensorError`` for the first client whose factors of ``module`` hold NaN/Inf."""
-    for adapter in adapters:
-        adapter.lora_factors(module)
-
-
-def _dense_terms(
-    adapters: Sequence[LoraAdapter], module: str, p: torch.Tensor, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """A module's LoRA bias and DoRA magnitude in the merged adapter: ``sum_k p_k s_k bias_k`` (the
-    bias update, stored at scale 1) and ``sum_k p_k m_k``, whatever the rule."""
-    terms = {}
-    if module in adapters[0].layout.biases:
-        bias = sum(w * a.delta_bias(module) for w, a in zip(p, adapters))
-        terms[bias_key(module)] = bias.to(dtype).contiguous()
-    if module in adapters[0].layout.magnitudes:
-        magnitude = sum(w * a.magnitude(module).float() for w, a in zip(p, adapters))
-        terms[magnitude_key(module)] = magnitude.to(dtype).contiguous()
-    return terms
-
-
 def _dense_extra(adapters: Sequence[LoraAdapter], key: str, p: torch.Tensor) -> torch.Tensor:
     """A dense tensor averaged with ``p``; a base embedding weight PEFT saved is copied as it is when
     every client holds the same one (the frozen base layer), so rounding cannot perturb it."""
@@ -117,7 +96,13 @@ def _dense_extra(adapters: Sequence[LoraAdapter], key: str, p: torch.Tensor) -> 
     return dense.to(adapters[0].tensor_dtype(key) or torch.float32)
 
 
-def _check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
+def check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
+    """Refuse heterogeneous ranks for a rule that needs equal ones (``fedavg``), naming the client
+    whose rank differs from the first one's.
+
+    Raises:
+        IncompatibleAdaptersError: naming both clients, the module and the rules that accept them.
+    """
     if strategy.supports_heterogeneous_ranks:
         return
     reference = adapters[0].ranks
@@ -131,13 +116,57 @@ def _check_ranks(adapters: Sequence[LoraAdapter], strategy: Strategy) -> None:
                 )
 
 
+ReferenceSource = AdapterSource | LoraConfig
+
+
+def resolve_reference(
+    reference: ReferenceSource | None, **load: object
+) -> tuple[LoraAdapter | LoraConfig | None, str]:
+    """The federation's own reference (``reference=``) opened, and how errors name it."""
+    if reference is None:
+        return None, ""
+    if isinstance(reference, LoraConfig):
+        return reference, "the federation's LoraConfig (`reference=`)"
+    label = f"federation reference ({describe_source(reference)})"
+    return resolve_adapter(reference, label, **load), label
+
+
+def choose_reference(
+    adapters: Sequence[LoraAdapter],
+    prior: LoraAdapter | None,
+    reference: LoraAdapter | LoraConfig | None,
+    reference_where: str,
+    check_base_model: bool,
+) -> LoraConfig:
+    """Check every client against the round's reference, never against a client: the previous global
+    adapter, else ``reference``, else the majority of the clients' compatibility fingerprints
+    (``adapters/reference.py``). Returns the config the global adapter is built from.
+
+    Raises:
+        IncompatibleAdaptersError: naming the first client that differs from the reference, or both
+            sides of a tie when no majority exists.
+    """
+    if reference is not None and prior is not None:
+        check_against(reference, reference_where, [prior], check_base_model)
+    if prior is not None:
+        check_against(prior, prior.label, adapters, check_base_model)
+        return prior.config
+    if reference is not None:
+        check_against(reference, reference_where, adapters, check_base_model)
+        if isinstance(reference, LoraAdapter):
+            return reference.config
+    majority = majority_reference(adapters, check_base_model)
+    return reference if isinstance(reference, LoraConfig) else majority.config
+
+
 def aggregate_adapters(
-    sources: Sequence[AdapterSource],
+    sources: Iterable[AdapterSource],
     strategy: str | Strategy = "replication",
     *,
     weights: Sequence[float] | None = None,
     target_rank: int | None = None,
     previous: AdapterSource | None = None,
+    reference: ReferenceSource | None = None,
     num_examples: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
     token: str | bool | None = None,
@@ -145,6 +174,7 @@ def aggregate_adapters(
     allow_pickle: bool = False,
     check_base_model: bool = True,
     progress: bool = False,
+    record_sha256: bool = True,
 ) -> LoraAdapter:
     """Merge LoRA adapters, possibly of different ranks, into one global adapter.
 
@@ -152,25 +182,40 @@ def aggregate_adapters(
     strategy, and stored at scale 1 (``lora_alpha = r``, with ``rank_pattern``/``alpha_pattern`` where
     module ranks differ). Embedding-layer LoRA is merged like any module; LoRA biases
     (``lora_bias=True``) become ``sum_k p_k s_k bias_k`` and DoRA magnitudes ``sum_k p_k m_k``
-    under every rule (DoRA's normalisation makes no rule exact: see ``docs/aggregation.md``). Inputs are read lazily, one module at a time, so peak memory is about the
-    output plus one module of every client.
+    under every rule (DoRA's normalisation makes no rule exact: see ``docs/aggregation.md``).
+    Inputs are read lazily, one module at a time (the next module's reads overlap the current
+    one's arithmetic), so peak memory is about the output plus two modules of every client.
+
+    The clients are checked against the round's reference, never against one of them: the previous
+    global adapter (``previous``), else ``reference``, else the majority of the clients'
+    compatibility fingerprints (base model, ``target_modules``, ``layers_to_transform``,
+    ``layers_pattern``, modules and layer shapes, LoRA kind, extras); a client outside the majority
+    is named, and so are both sides of a tie. The global config is the reference's (the majority's
+    first client's), at scale 1.
 
     Args:
         sources: the clients' adapters: PEFT folders, Hub repo ids (``"user/repo@rev"``),
-            ``LoraAdapter`` objects or ``PeftModel`` objects.
+            ``LoraAdapter`` objects or ``PeftModel`` objects; any iterable (a generator is read once).
         strategy: a registered name (``hf_fedlora.strategies.list_strategies()``) or a ``Strategy``.
             Defaults to ``"replication"``. Every later argument is keyword-only.
         weights: per-client weights (normalised here). Default: example counts when every source
             carries one (``num_examples`` or provenance files), else uniform.
         target_rank: output rank for ``flexlora`` (and the padding rules); default the largest rank.
         previous: last round's global adapter; ``replication`` keeps its slots that no client of
-            this round owns.
+            this round owns. Also the compatibility reference.
+        reference: the federation's own LoRA setup, when there is no ``previous``: a
+            ``peft.LoraConfig`` (its base model, ``target_modules``, ``layers_to_transform`` and
+            ``layers_pattern`` are checked) or an adapter (folder, Hub id, ``LoraAdapter``: its
+            modules and shapes too).
         num_examples: per-client example counts, overriding the provenance files.
-        dtype: dtype of the output tensors (default: the inputs' dtype if they share one, else float32).
+        dtype: dtype of the output tensors (default: the inputs' dtype if they share one, else
+            float32); a merged value that overflows it raises ``NonFiniteTensorError``.
         token, cache_dir: for Hub sources.
         allow_pickle: accept pickle ``adapter_model.bin`` inputs (still loaded weights-only).
         check_base_model: refuse adapters whose ``base_model_name_or_path`` differ.
         progress: show a progress bar over modules.
+        record_sha256: record each client's sha256 in the provenance (computed from the same
+            reads as its tensors); ``False`` records ``None`` and skips the hashing.
 
     Returns:
         The global ``LoraAdapter`` (in memory), with a provenance record of the strategy, each
@@ -179,9 +224,13 @@ def aggregate_adapters(
     Raises:
         AdapterError: (subclasses) naming the client and the file or field at fault, for unreadable,
             unsupported or incompatible inputs and invalid weights; ``UnknownStrategyError`` for an
-            unknown strategy name.
+            unknown strategy name; ``NonFiniteTensorError`` naming the client, or the module whose
+            merged value is not finite in float32 or in ``dtype``.
     """
     strategy = get_strategy(strategy)
+    if isinstance(sources, (str, os.PathLike, LoraAdapter)):
+        raise AdapterError("`sources` must be a list of client adapters, not a single one: wrap it in [...].")
+    sources = list(sources)  # a generator is consumed once here, so provenance can name every client
     if not sources:
         raise AdapterError("`sources` is empty: pass at least one client adapter to aggregate.")
     check_target_rank(target_rank)
@@ -189,46 +238,21 @@ def aggregate_adapters(
     adapters = [
         resolve_adapter(s, f"client {i} ({describe_source(s)})", **load) for i, s in enumerate(sources)
     ]
-    check_compatible(adapters, check_base_model=check_base_model)
-    _check_ranks(adapters, strategy)
-    p = resolve_weights(adapters, weights, num_examples)
     prior = None
     if previous is not None:
         prior = resolve_adapter(previous, f"previous global adapter ({describe_source(previous)})", **load)
-        check_compatible([adapters[0], prior], check_base_model=check_base_model)
+    ref, ref_where = resolve_reference(reference, **load)
+    template = choose_reference(adapters, prior, ref, ref_where, check_base_model)
+    check_ranks(adapters, strategy)
+    p = resolve_weights(adapters, weights, num_examples)
 
+    if record_sha256:
+        for adapter in adapters:
+            adapter.hash_reads()
     out_dtype = _output_dtype(adapters, dtype)
-    state: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    max_ranks = [max(a.ranks.values()) for a in adapters]
-    # a NaN or Inf that reaches the merged module is caught there, in one check per module
-    check_inputs = not strategy.reads_every_value(max_ranks, target_rank)
-    for module in tqdm(
-        adapters[0].modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module"
-    ):
-        folded = [a.folded_factors(module, check_finite_values=check_inputs) for a in adapters]
-        inputs = ModuleInputs(
-            name=module,
-            a=[f[0] for f in folded],
-            b=[f[1] for f in folded],
-            weights=p,
-            target_rank=target_rank,
-            previous=prior.folded_factors(module) if prior is not None else None,
-        )
-        try:
-            a, b = strategy.aggregate_module(inputs)
-        except RuntimeError:  # e.g. an SVD that does not converge on non-finite input
-            if not check_inputs:
-                _name_non_finite_input(adapters, module)
-            raise
-        if not check_inputs and not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
-            _name_non_finite_input(adapters, module)  # returns if every input is finite (the sum overflowed)
-        a_shape, b_shape = adapters[0].factor_shapes(module)
-        a_key, b_key = adapters[0].layout.factor_keys(module)
-        ranks[module] = a.shape[0]
-        state[a_key] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()
-        state[b_key] = b.reshape(b.shape[0], a.shape[0], *b_shape[2:]).to(out_dtype).contiguous()
-        state.update(_dense_terms(adapters, module, p, out_dtype))
+    state, ranks = merge_modules(
+        adapters, strategy, p, target_rank=target_rank, prior=prior, out_dtype=out_dtype, progress=progress
+    )
     for key in adapters[0].extras:
         state[key] = _dense_extra(adapters, key, p)
 
@@ -244,14 +268,14 @@ def aggregate_adapters(
                 "ranks": sorted(set(a.ranks.values())),
                 "weight": float(w),
                 "num_examples": c,
-                "sha256": a.sha256(),
+                "sha256": a.sha256() if record_sha256 else None,
             }
             for source, a, w, c in zip(sources, adapters, p, counts)
         ],
         "previous": describe_source(previous) if previous is not None else None,
         "hf_fedlora_version": __version__,
     }
-    config = unit_scale_config(adapters[0].config, ranks)
+    config = unit_scale_config(template, ranks)
     return LoraAdapter.from_state_dict(
         config, state, label=f"global adapter ({strategy.name})", provenance=provenance
     )

@@ -15,16 +15,20 @@ import os
 from typing import Any
 
 import torch
+from peft import LoraConfig
 
 from .adapters import LoraAdapter
 from .adapters.keys import bias_key, magnitude_key
+from .adapters.reference import check_against
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
-from .adapters.validate import check_compatible
-from .aggregation import _check_ranks, check_target_rank, check_weight
+from .aggregation import ReferenceSource, check_ranks, check_target_rank, check_weight, resolve_reference
 from .constants import __version__
 from .errors import AdapterError, InvalidWeightsError
+from .merging import cast_checked
 from .strategies import Strategy, get_strategy
+from .strategies._linalg import power_of_two_above
+from .strategies.base import normalise_weights
 
 _MODES = {
     "weights": "given a `weight`",
@@ -57,13 +61,16 @@ class _HeaderStore:
 
 
 class _DenseSum:
-    """``sum_k w_k x_k`` of a dense tensor (a LoRA bias, a DoRA magnitude, an extra) in float32; for a
-    base embedding weight PEFT saved, also the first client's tensor while every client holds the same."""
+    """``sum_k w_k x_k`` of a dense tensor (a LoRA bias, a DoRA magnitude, an extra) in float32,
+    relative to the largest weight seen (huge weights cannot overflow it); for a base embedding
+    weight PEFT saved, also the first client's tensor while every client holds the same."""
 
     def __init__(self, keep_identical: bool):
         self.total: torch.Tensor | None = None
         self.first: torch.Tensor | None = None
         self.identical = keep_identical
+        self.unit = 1.0  # a power of two >= every weight added
+        self.weight = 0.0  # sum of the weights relative to the unit
 
     def add(self, value: torch.Tensor, weight: float) -> None:
         if self.identical:
@@ -71,18 +78,29 @@ class _DenseSum:
                 self.first = value
             elif not torch.equal(self.first, value):
                 self.identical, self.first = False, None
+        if weight > self.unit:  # exact rescaling: both units are powers of two
+            unit = power_of_two_above(weight)
+            if self.total is not None:
+                self.total.mul_(self.unit / unit)
+            self.weight *= self.unit / unit
+            self.unit = unit
+        relative = weight / self.unit
         value = value.float()
         if self.total is None:
-            self.total = value * weight
+            self.total = value * relative
         else:
-            self.total.add_(value, alpha=weight)
+            self.total.add_(value, alpha=relative)
+        self.weight += relative
+
+    def mean(self) -> torch.Tensor:
+        return self.total.div_(self.weight)
 
 
 class _ClientData:
     """Every tensor of one client, read once and checked finite: folded factors (float32), LoRA bias
     updates (``s * bias``), DoRA magnitudes and extras, keyed as in the output."""
 
-    def __init__(self, adapter: LoraAdapter):
+    def __init__(self, adapter: LoraAdapter, strategy: Strategy):
         self.folded = {}
         for module in adapter.modules:
             a, b = adapter.folded_factors(module, check_finite_values=False)
@@ -90,6 +108,10 @@ class _ClientData:
             # one check per module; on failure the checked read raises aggregate_adapters' error
             if not math.isfinite(float(a.sum()) + float(b.sum())):
                 adapter.folded_factors(module)
+            try:
+                strategy.check_factors(module, a, b)
+            except AdapterError as exc:
+                raise type(exc)(f"{adapter.where}: {exc}") from exc
             self.folded[module] = (a, b)
         self.dense: dict[str, torch.Tensor] = {}
         for module in adapter.modules:
@@ -148,11 +170,13 @@ class StreamingAggregator:
         *,
         target_rank: int | None = None,
         previous: AdapterSource | None = None,
+        reference: ReferenceSource | None = None,
         dtype: torch.dtype | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         allow_pickle: bool = False,
         check_base_model: bool = True,
+        record_sha256: bool = True,
     ):
         self.strategy = get_strategy(strategy)
         check_target_rank(target_rank)
@@ -162,6 +186,7 @@ class StreamingAggregator:
                 f"ranks); `target_rank={target_rank}` is not supported. Use strategy 'flexlora' for a fixed rank."
             )
         self.target_rank, self.dtype, self.check_base_model = target_rank, dtype, check_base_model
+        self.record_sha256 = record_sha256
         self._load = {"token": token, "cache_dir": cache_dir, "allow_pickle": allow_pickle}
         self._previous = describe_source(previous) if previous is not None else None
         self._prior = (
@@ -169,6 +194,9 @@ class StreamingAggregator:
             if previous is not None
             else None
         )
+        self._reference, self._reference_where = resolve_reference(reference, **self._load)
+        if self._reference is not None and self._prior is not None:
+            check_against(self._reference, self._reference_where, [self._prior], check_base_model)
         self._first: LoraAdapter | None = None  # header only
         self._mode: str | None = None
         self._calls = 0
@@ -205,20 +233,24 @@ class StreamingAggregator:
         label = f"client {self._calls} ({describe_source(source)})"
         self._calls += 1
         adapter = resolve_adapter(source, label, **self._load)
-        reference = self._prior or self._first
-        if reference is not None:
-            check_compatible([reference, adapter], check_base_model=self.check_base_model)
-        if self._first is not None:
-            _check_ranks([self._first, adapter], self.strategy)
+        if self._prior is not None:
+            check_against(self._prior, self._prior.label, [adapter], self.check_base_model)
+        if self._reference is not None:
+            check_against(self._reference, self._reference_where, [adapter], self.check_base_model)
+        if self._first is not None:  # the first accepted client passed the checks above too
+            check_against(self._first, self._first.label, [adapter], self.check_base_model)
+            check_ranks([self._first, adapter], self.strategy)
         value, count, mode = self._client_weight(adapter, weight, num_examples)
         # read every tensor once and check every value before the running state changes
-        data = _ClientData(adapter)
+        if self.record_sha256:
+            adapter.hash_reads()
+        data = _ClientData(adapter, self.strategy)
         record = {
             "source": describe_source(source),
             "ranks": sorted(set(adapter.ranks.values())),
             "weight": value,
             "num_examples": count,
-            "sha256": adapter.sha256(),
+            "sha256": adapter.sha256() if self.record_sha256 else None,
         }
         try:
             self._fold_in(data, value)
@@ -280,9 +312,10 @@ class StreamingAggregator:
         if not self._clients:
             raise AdapterError("no client adapter was accepted: add at least one before `result()`.")
         self._closed = "`result()` was already called; start a new StreamingAggregator for the next round"
-        first, total = self._first, math.fsum(self._weights)
-        weights = torch.tensor(self._weights, dtype=torch.float64)
-        p = (weights / weights.sum()).float()
+        first = self._first
+        p = normalise_weights(self._weights)  # by the largest first: no overflow
+        largest = max(self._weights)
+        total = largest * math.fsum(w / largest for w in self._weights)  # inf only past float range
         out_dtype = self.dtype or (next(iter(self._dtypes)) if len(self._dtypes) == 1 else torch.float32)
         state: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
@@ -292,17 +325,19 @@ class StreamingAggregator:
             a_shape, b_shape = first.factor_shapes(module)
             a_key, b_key = first.layout.factor_keys(module)
             ranks[module] = a.shape[0]
-            state[a_key] = a.reshape(a.shape[0], *a_shape[1:]).to(out_dtype).contiguous()
-            state[b_key] = b.reshape(b.shape[0], a.shape[0], *b_shape[2:]).to(out_dtype).contiguous()
+            state[a_key] = cast_checked(a.reshape(a.shape[0], *a_shape[1:]), out_dtype, module, a_key)
+            state[b_key] = cast_checked(
+                b.reshape(b.shape[0], a.shape[0], *b_shape[2:]), out_dtype, module, b_key
+            )
             for key in (bias_key(module), magnitude_key(module)):
                 if key in self._dense:
-                    state[key] = self._dense.pop(key).total.div_(total).to(out_dtype).contiguous()
+                    state[key] = cast_checked(self._dense.pop(key).mean(), out_dtype, module, key)
         for key in first.extras:
             dense = self._dense.pop(key)
             if dense.identical:
                 state[key] = dense.first.clone()
             else:
-                state[key] = dense.total.div_(total).to(first.tensor_dtype(key) or torch.float32)
+                state[key] = dense.mean().to(first.tensor_dtype(key) or torch.float32)
         counts = [c["num_examples"] for c in self._clients]
         provenance = {
             "strategy": self.strategy.name,
@@ -313,7 +348,8 @@ class StreamingAggregator:
             "previous": self._previous,
             "hf_fedlora_version": __version__,
         }
-        config = unit_scale_config(first.config, ranks)
+        template = self._prior or self._reference or first
+        config = unit_scale_config(template if isinstance(template, LoraConfig) else template.config, ranks)
         return LoraAdapter.from_state_dict(
             config, state, label=f"global adapter ({self.strategy.name})", provenance=provenance
         )

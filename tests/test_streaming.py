@@ -151,7 +151,8 @@ def test_a_bad_client_is_refused_with_aggregate_adapters_error_and_the_round_goe
     agg.add(good)
     with pytest.raises(case.error) as streamed:
         agg.add(bad)
-    assert str(streamed.value) == str(listed.value)
+    # the same error; the list, with no reference given, also says that 1 vs 1 has no majority
+    assert str(listed.value).startswith(str(streamed.value))
     agg.add(good)
     merged = agg.result()
     assert [c["source"] for c in merged.provenance["clients"]] == [str(good)] * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -32,7 +33,6 @@ from .io import (
     atomic_output_dir,
     load_pickle,
     read_json,
-    sha256_file,
     write_json,
 )
 from .keys import bias_key, magnitude_key, split_keys
@@ -289,12 +289,25 @@ class LoraAdapter:
         """Every stored tensor, loaded, keyed as PEFT saves them."""
         return {key: self._store.get(key) for key in self._store.keys()}
 
+    def held_open(self) -> contextlib.AbstractContextManager:
+        """A context in which reads of this adapter's safetensors file share one open descriptor
+        (a no-op for in-memory adapters)."""
+        if isinstance(self._store, SafetensorsStore):
+            return self._store.held_open()
+        return contextlib.nullcontext()
+
+    def hash_reads(self) -> None:
+        """Compute :meth:`sha256` from the tensor reads that follow (in file order, as aggregation
+        reads modules), instead of a second pass over the file; a no-op for in-memory adapters."""
+        if isinstance(self._store, SafetensorsStore):
+            self._store.hash_reads()
+
     def sha256(self) -> str:
         """Hex sha256 identifying the adapter's weights: of the safetensors file when read from one,
         else of its safetensors serialisation."""
         store = self._store
         if isinstance(store, SafetensorsStore):
-            return sha256_file(store.path)
+            return store.sha256()
         return hashlib.sha256(
             safetensors_bytes({k: v.contiguous() for k, v in self.state_dict().items()})
         ).hexdigest()

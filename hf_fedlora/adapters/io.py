@@ -115,6 +115,8 @@ class SafetensorsStore:
             key: (info["dtype"], tuple(info["shape"]), *info["data_offsets"]) for key, info in header.items()
         }
         self._keys = sorted(self._entries)
+        self._hasher: FileSha256 | None = None
+        self._held: int | None = None  # a descriptor kept open by held_open()
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -130,25 +132,110 @@ class SafetensorsStore:
         return str(self._entries[key][0])
 
     def get(self, key: str) -> torch.Tensor:
-        dtype_name, shape, start, end = self._entries[key]
-        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
-        where = f"{self._where}, file '{self.path.name}': tensor `{key}`"
-        if dtype is None:
-            raise AdapterFormatError(f"{where} has dtype {dtype_name}, which this torch cannot read.")
-        buffer = bytearray(end - start)
+        """One tensor, read with one positioned read (no memory map) and fed to the file's running
+        sha256 when :meth:`hash_reads` started one."""
+        dtype_name, _shape, start, end = self._entries[key]
+        if _SAFETENSORS_DTYPES.get(dtype_name) is None:
+            raise AdapterFormatError(
+                f"{self._where}, file '{self.path.name}': tensor `{key}` has dtype {dtype_name}, "
+                "which this torch cannot read."
+            )
+        return self._read([key], start, end)[0]
+
+    def _read(self, keys: list[str], first: int, last: int) -> list[torch.Tensor]:
+        where = f"{self._where}, file '{self.path.name}': tensor `{keys[0]}`"
+        buffer = bytearray(last - first)
         try:
-            with os.fdopen(open_regular(self.path, self._where), "rb") as handle:
-                handle.seek(self._data_start + start)
-                got = handle.readinto(buffer)
+            fd = self._held if self._held is not None else open_regular(self.path, self._where)
+            try:
+                got = os.preadv(fd, [buffer], self._data_start + first) if buffer else 0
+            finally:
+                if fd != self._held:
+                    os.close(fd)
         except OSError as exc:
             raise AdapterFormatError(f"{where} cannot be read ({exc}).") from exc
         if got != len(buffer):
             raise AdapterFormatError(
                 f"{where}: the file ended early (it changed or was truncated after it was opened)."
             )
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        if self._hasher is not None:
+            self._hasher.feed(self._data_start + first, buffer)
+        out = []
+        for key in keys:
+            dtype_name, shape, start, end = self._entries[key]
+            dtype = _SAFETENSORS_DTYPES[dtype_name]
+            if end == start:
+                out.append(torch.empty(shape, dtype=dtype))
+            else:
+                view = memoryview(buffer)[start - first : end - first]
+                out.append(torch.frombuffer(view, dtype=dtype).reshape(shape))
+        return out
+
+    @contextlib.contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Keep one descriptor of the file open for the reads inside the block (checked as a regular
+        file once), instead of opening it for every tensor."""
+        if self._held is not None:
+            yield
+            return
+        self._held = open_regular(self.path, self._where)
+        try:
+            yield
+        finally:
+            os.close(self._held)
+            self._held = None
+
+    def hash_reads(self) -> None:
+        """Start a sha256 of the file computed from the bytes later reads return, so that
+        :meth:`sha256` reads only what no tensor read covered (the header, skipped tensors)."""
+        self._hasher = FileSha256(self.path, self._where)
+
+    def sha256(self) -> str:
+        """Hex sha256 of the file: finishes the one :meth:`hash_reads` started, else reads it all."""
+        hasher, self._hasher = self._hasher, None
+        return hasher.hexdigest() if hasher is not None else sha256_file(self.path)
+
+
+class FileSha256:
+    """The sha256 of a file built from reads made for other reasons, in file order.
+
+    Bytes fed at the current end of the hashed prefix extend it; a gap before a read is read and
+    hashed first; a read behind the prefix (out of order) makes :meth:`hexdigest` hash the whole file
+    again, so the digest is always that of the file's bytes.
+    """
+
+    def __init__(self, path: Path, where: str):
+        self.path, self._where = path, where
+        self._digest = hashlib.sha256()
+        self._done = 0
+        self._in_order = True
+
+    def feed(self, offset: int, data: bytes | bytearray) -> None:
+        if not self._in_order or offset < self._done:
+            self._in_order = False
+            return
+        if offset > self._done:
+            self._hash_range(self._done, offset)
+        self._digest.update(data)
+        self._done = offset + len(data)
+
+    def _hash_range(self, start: int, end: int | None) -> None:
+        fd = open_regular(self.path, self._where)
+        with os.fdopen(fd, "rb") as handle:
+            handle.seek(start)
+            while end is None or start < end:
+                block = handle.read(1 << 20 if end is None else min(1 << 20, end - start))
+                if not block:
+                    break
+                self._digest.update(block)
+                start += len(block)
+        self._done = start
+
+    def hexdigest(self) -> str:
+        if not self._in_order:
+            return sha256_file(self.path)
+        self._hash_range(self._done, None)
+        return self._digest.hexdigest()
 
 
 def load_pickle(path: Path, label: str) -> MemoryStore:

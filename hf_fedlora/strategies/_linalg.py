@@ -1,14 +1,24 @@
 """Running sums shared by the padding strategies: in-place accumulation, no padded copies, memory
-independent of the number of clients folded in."""
+independent of the number of clients folded in, and no overflow whatever the weights' size."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
+def power_of_two_above(weight: float) -> float:
+    """The smallest power of two ``>= weight`` of the form ``2**e`` (``weight`` finite, > 0)."""
+    return math.ldexp(1.0, math.frexp(weight)[1])
+
+
 class PaddedSums:
-    """``sum_k w_k pad(A'_k)`` and ``sum_k w_k pad(B'_k)`` over the clients folded in so far, and each
-    slot's owner weight ``sum_{k: r_k > i} w_k``.
+    """``sum_k w_k pad(A'_k)`` and ``sum_k w_k pad(B'_k)`` over the clients folded in so far, each
+    slot's owner weight ``sum_{k: r_k > i} w_k`` and the total weight, all kept relative to a power
+    of two at least as large as every weight seen (1 for weights up to 1, as ``aggregate_adapters``
+    passes them): weights of 1e308 or example counts past float range cannot overflow the sums, and
+    since the unit is a power of two, rescaling (when a larger weight arrives) is exact.
 
     The rank is ``target_rank`` when given (longer clients are cut), else the largest rank seen so
     far: the sums grow (padded with zeros) when a client of a larger rank arrives.
@@ -18,7 +28,9 @@ class PaddedSums:
         self.target_rank = target_rank
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
-        self._weight_by_rank: dict[int, float] = {}  # sum of w_k over clients with r_k = rank (cut)
+        self.unit = 1.0  # a power of two >= every weight folded in: stored weights are relative to it
+        self.total = 0.0  # sum of the relative weights folded in
+        self._weight_by_rank: dict[int, float] = {}  # relative weight of the clients with r_k = rank (cut)
 
     @property
     def rank(self) -> int:
@@ -28,8 +40,8 @@ class PaddedSums:
         """Allocate or grow the sums for a client of these shapes; returns its slots that count."""
         rank = self.target_rank or max(self.rank, a.shape[0])
         if self.a is None:
-            self.a = a.new_zeros(rank, a.shape[1])
-            self.b = b.new_zeros(b.shape[0], rank)
+            self.a = torch.zeros(rank, a.shape[1], dtype=torch.float32)
+            self.b = torch.zeros(b.shape[0], rank, dtype=torch.float32)
         elif rank > self.rank:
             grow = rank - self.rank
             self.a = torch.cat([self.a, self.a.new_zeros(grow, self.a.shape[1])], dim=0)
@@ -38,29 +50,44 @@ class PaddedSums:
 
     @property
     def owner_weight(self) -> torch.Tensor:
-        """Each slot's owner weight ``sum_{k: r_k > i} w_k`` (float64, ``[rank]``)."""
+        """Each slot's owner weight ``sum_{k: r_k > i} w_k``, relative to :attr:`unit` (float64, ``[rank]``)."""
         out = torch.zeros(self.rank, dtype=torch.float64)
         for r, weight in self._weight_by_rank.items():
             out[:r] += weight
         return out
 
     def add(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        """Fold ``weight * pad(a)``, ``weight * pad(b)`` in."""
+        """Fold ``weight * pad(a)``, ``weight * pad(b)`` in (``weight`` finite, >= 0; a zero weight
+        only reserves the rank)."""
         r = self.reserve(a, b)
-        self.a[:r].add_(a[:r], alpha=weight)
-        self.b[:, :r].add_(b[:, :r], alpha=weight)
-        self._weight_by_rank[r] = self._weight_by_rank.get(r, 0.0) + weight
+        if weight <= 0:
+            return
+        if weight > self.unit:  # a new largest weight: the stored sums become relative to it
+            unit = power_of_two_above(weight)
+            ratio = self.unit / unit
+            self.a.mul_(ratio)  # exact: a power of two
+            self.b.mul_(ratio)
+            self.total *= ratio
+            self._weight_by_rank = {k: v * ratio for k, v in self._weight_by_rank.items()}
+            self.unit = unit
+        relative = weight / self.unit
+        self.a[:r].add_(a[:r], alpha=relative)
+        self.b[:, :r].add_(b[:, :r], alpha=relative)
+        self._weight_by_rank[r] = self._weight_by_rank.get(r, 0.0) + relative
+        self.total += relative
 
     def clear(self) -> None:
-        """Zero the sums, keeping their rank."""
+        """Zero the sums and weights, keeping their rank."""
         if self.a is not None:
             self.a.zero_()
             self.b.zero_()
         self._weight_by_rank.clear()
+        self.unit, self.total = 1.0, 0.0
 
-    def scaled(self, total: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sums divided by ``total`` (in place; returned as is when ``total`` is 1)."""
-        if total != 1.0:
-            self.a.div_(total)
-            self.b.div_(total)
+    def normalised(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted means ``sum_k w_k pad(x_k) / sum_k w_k`` (in place; zeros when nothing was
+        added with a positive weight)."""
+        if self.total > 0 and self.total != 1.0:
+            self.a.div_(self.total)
+            self.b.div_(self.total)
         return self.a, self.b

@@ -12,6 +12,14 @@ import torch
 from ..constants import SendBackMethod
 
 
+def normalise_weights(weights: Sequence[float]) -> torch.Tensor:
+    """``w_k / sum_j w_j`` as float32, computed in float64 after dividing by the largest weight, so a
+    sum of huge weights (1e308 + 1e308) cannot overflow to inf and zero the result."""
+    tensor = torch.tensor(list(weights), dtype=torch.float64)
+    tensor = tensor / tensor.max()
+    return (tensor / tensor.sum()).float()
+
+
 @dataclass(frozen=True)
 class ModuleInputs:
     """Everything a strategy sees of one LoRA module in one round.
@@ -88,6 +96,10 @@ class Strategy(ABC):
     rank_grows_with_clients: ClassVar[bool] = False
     """Whether the output rank is set by the clients (e.g. stacking: the sum of their ranks), so a
     caller must not cap it with ``target_rank``."""
+    retains_inputs: ClassVar[bool] = True
+    """Whether :meth:`fold_in` may keep references to the factors it is given (the default
+    :class:`ModuleStacks` does). A rule that only adds them into its own state sets ``False``, so that
+    callers may reuse one buffer for every client's folded factors."""
 
     def reads_every_value(self, ranks: Sequence[int], target_rank: int | None) -> bool:
         """Whether every value of every client's factors reaches the output, so that a NaN or Inf
@@ -126,6 +138,13 @@ class Strategy(ABC):
             self.fold_in(state, a, b, weight)
         return self.finish(state, 1.0, inputs.previous)
 
+    def check_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Refuse one client's folded factors of module ``name`` that the rule cannot merge, raising an
+        ``AdapterError`` (the caller prefixes the client's name). ``StreamingAggregator`` calls it for
+        every module of a client before folding any in, so a refused client leaves the state
+        unchanged. The default accepts everything (finiteness is checked by the callers)."""
+        return None
+
     def start(self, name: str, target_rank: int | None) -> Any:
         """A fresh running state for module ``name`` (default: empty :class:`ModuleStacks`)."""
         return ModuleStacks(name, target_rank)
@@ -155,12 +174,11 @@ class Strategy(ABC):
         float32) and calls :meth:`aggregate_module`.
         """
         self._check_implemented()
-        weights = torch.tensor(state.weights, dtype=torch.float64)
         inputs = ModuleInputs(
             name=state.name,
             a=state.a,
             b=state.b,
-            weights=(weights / weights.sum()).float(),
+            weights=normalise_weights(state.weights),
             target_rank=state.target_rank,
             previous=previous,
         )

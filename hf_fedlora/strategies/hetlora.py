@@ -7,10 +7,12 @@ more (larger ``||B_k A_k||_F``) count more.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import NonFiniteTensorError
 from ..linalg import update_norm
 from ._linalg import PaddedSums
 from .base import Strategy
@@ -19,9 +21,32 @@ from .registry import register_strategy
 
 @dataclass
 class _NormWeightedSums:
+    name: str
     sums: PaddedSums
     weighted: bool = False  # whether a client with a non-zero update has been folded in
-    total: float = 0.0
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def client_norm(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
+    """``||B' A'||_F`` as a Python float: from float32 Gram matrices, recomputed in float64 when
+    their products overflow float32 (factors past ~1e6 can overflow the squared norm while the norm
+    itself is representable).
+
+    Raises:
+        NonFiniteTensorError: the norm itself is NaN, or past float32's range: such an update cannot
+            be represented, and weighting by it would turn the merged module into NaN.
+    """
+    norm = float(update_norm(a, b))
+    if not math.isfinite(norm):
+        norm = float(update_norm(a.double(), b.double()))
+    if not math.isfinite(norm) or norm > FLOAT32_MAX:
+        raise NonFiniteTensorError(
+            f"module `{name}`: the update's norm ||B'A'||_F is {norm:.3g}, past float32's range; "
+            "its factors hold values far too large for a LoRA update. Drop this client from the round."
+        )
+    return norm
 
 
 @register_strategy
@@ -32,7 +57,8 @@ class HetLoraStrategy(Strategy):
     When every update is zero the weights fall back to ``p_k``. Incremental: each client's norm is
     known when it is folded in, so one running sum suffices (memory: the output); it holds the
     ``p_k``-weighted sum until the first client with a non-zero update, then restarts with
-    ``p_k ||B'_k A'_k||_F`` weights.
+    ``p_k ||B'_k A'_k||_F`` weights. A client whose norm is NaN or past float32's range is refused
+    (``NonFiniteTensorError``) before it changes the sums.
     """
 
     name = "hetlora"
@@ -40,22 +66,25 @@ class HetLoraStrategy(Strategy):
         "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models (EMNLP 2024)"
     )
     propagates_non_finite = True
+    retains_inputs = False
+
+    def check_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        # ||B'A'||_F <= ||B'||_F ||A'||_F: two cheap float64 norms settle the common case
+        bound = float(torch.linalg.vector_norm(a, dtype=torch.float64)) * float(
+            torch.linalg.vector_norm(b, dtype=torch.float64)
+        )
+        if not bound <= FLOAT32_MAX:
+            client_norm(a, b, name)
 
     def start(self, name: str, target_rank: int | None) -> _NormWeightedSums:
-        return _NormWeightedSums(PaddedSums(target_rank))
+        return _NormWeightedSums(name, PaddedSums(target_rank))
 
     def fold_in(self, state: _NormWeightedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        scaled = weight * float(update_norm(a, b))
+        scaled = weight * client_norm(a, b, state.name)
         if scaled > 0 and not state.weighted:  # the first non-zero update: norm weights from now on
             state.sums.clear()
-            state.weighted, state.total = True, 0.0
-        if state.weighted:
-            weight = scaled
-        if weight > 0:
-            state.sums.add(a, b, weight)
-        else:
-            state.sums.reserve(a, b)  # counts for the output rank, adds nothing
-        state.total += weight
+            state.weighted = True
+        state.sums.add(a, b, scaled if state.weighted else weight)  # a zero weight reserves the rank
 
     def finish(
         self,
@@ -63,4 +92,4 @@ class HetLoraStrategy(Strategy):
         total_weight: float,
         previous: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return state.sums.scaled(state.total)
+        return state.sums.normalised()

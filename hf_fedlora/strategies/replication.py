@@ -29,6 +29,7 @@ class ReplicationStrategy(Strategy):
     name = "replication"
     paper = "Byun & Lee, Towards Federated Low-Rank Adaptation of Language Models with Rank Heterogeneity (NAACL 2025)"
     propagates_non_finite = True
+    retains_inputs = False
 
     def start(self, name: str, target_rank: int | None) -> PaddedSums:
         return PaddedSums(target_rank)

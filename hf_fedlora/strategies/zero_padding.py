@@ -18,12 +18,14 @@ from .registry import register_strategy
 class ZeroPaddingStrategy(Strategy):
     """``A = sum_k p_k pad(A'_k)``, ``B = sum_k p_k pad(B'_k)`` at rank ``target_rank`` or ``max r_k``.
 
-    Incremental: running weighted sums (memory: the output), normalised by the total weight at the end.
+    Incremental: running weighted sums (memory: the output), normalised by the total weight at the end
+    (kept relative to the largest weight, so huge weights cannot overflow them).
     """
 
     name = "zero_padding"
     paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning (2024), as the zero-padding baseline"
     propagates_non_finite = True
+    retains_inputs = False
 
     def start(self, name: str, target_rank: int | None) -> PaddedSums:
         return PaddedSums(target_rank)
@@ -34,4 +36,4 @@ class ZeroPaddingStrategy(Strategy):
     def finish(
         self, state: PaddedSums, total_weight: float, previous=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return state.scaled(total_weight)
+        return state.normalised()

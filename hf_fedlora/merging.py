@@ -1,0 +1,209 @@
+"""The module loop of ``aggregate_adapters``: read, fold, merge and check one module at a time.
+
+Reads run one module ahead on a helper thread (file reads and hashing release the GIL), in file
+order, so each client's provenance sha256 is computed from the same bytes as its tensors
+(``LoraAdapter.hash_reads``) instead of a second pass over every file. Rules that only add the
+factors into running sums (``Strategy.retains_inputs = False``) get each client's folded factors in
+one reused buffer; the others get every client's folded factors of the module at once
+(``aggregate_module``). Peak memory: the output, two modules' stored inputs and one module's folded
+inputs (one client's for the running-sum rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import LoraAdapter
+from .adapters.keys import bias_key, magnitude_key
+from .adapters.validate import check_finite
+from .errors import AdapterError, NonFiniteTensorError
+from .strategies import ModuleInputs, Strategy
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+MAX_HELD_FILES = 256
+"""Up to this many clients, each client's file stays open for the whole merge (one open, not one
+per tensor); beyond, each read opens its file, so thousands of clients never exhaust descriptors."""
+
+
+def _name_non_finite_input(adapters: Sequence[LoraAdapter], module: str) -> None:
+    """Raise ``NonFiniteTensorError`` for the first client whose factors of ``module`` hold NaN/Inf
+    (stored, or after folding the scale in); return if every one is finite."""
+    for adapter in adapters:
+        adapter.folded_factors(module)
+
+
+class _Scratch:
+    """One float32 buffer per factor, reused for every client's folded factors of every module."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def fold(self, which: str, raw: torch.Tensor, shape: tuple[int, int], root: float) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        buffer = self._buffers.get(which)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[which] = torch.empty(numel, dtype=torch.float32)
+        out = buffer[:numel].view(shape)
+        out.copy_(raw.reshape(shape))
+        return out.mul_(root)  # as adapters.scaling.fold: the same two float32 operations
+
+
+def _read(adapters: Sequence[LoraAdapter], module: str, check: bool) -> list[Factors]:
+    return [a.lora_factors(module, check_finite_values=check) for a in adapters]
+
+
+def _fold_checked(adapter: LoraAdapter, module: str, raw: Factors, fold, check: bool) -> Factors:
+    a_raw, b_raw = raw
+    scale = adapter.scale(module)
+    root = math.sqrt(scale)
+    a = fold("a", a_raw, (a_raw.shape[0], a_raw[0].numel()), root)
+    b = fold("b", b_raw, (b_raw.shape[0], b_raw.shape[1]), root)
+    if check:  # finite factors times a large scale may still overflow float32
+        where = f"{adapter.where} (after folding the scale {scale:.3g})"
+        for key, tensor in zip(adapter.layout.factor_keys(module), (a, b)):
+            check_finite(tensor, where, key)
+    return a, b
+
+
+def _fresh_fold(which: str, raw: torch.Tensor, shape: tuple[int, int], root: float) -> torch.Tensor:
+    return raw.reshape(shape).to(torch.float32, copy=True).mul_(root)
+
+
+def _merge_module(
+    adapters: Sequence[LoraAdapter],
+    module: str,
+    raw: list[Factors],
+    strategy: Strategy,
+    p: torch.Tensor,
+    target_rank: int | None,
+    previous: Factors | None,
+    check: bool,
+    scratch: _Scratch,
+) -> Factors:
+    incremental = not strategy.retains_inputs and type(strategy).aggregate_module is Strategy.aggregate_module
+    if not incremental:
+        folded = [_fold_checked(a, module, r, _fresh_fold, check) for a, r in zip(adapters, raw)]
+        inputs = ModuleInputs(
+            name=module,
+            a=[f[0] for f in folded],
+            b=[f[1] for f in folded],
+            weights=p,
+            target_rank=target_rank,
+            previous=previous,
+        )
+        try:
+            return strategy.aggregate_module(inputs)
+        except RuntimeError:  # e.g. an SVD that does not converge on non-finite input
+            if not check:
+                _name_non_finite_input(adapters, module)
+            raise
+    state = strategy.start(module, target_rank)
+    # the largest ranks first, so that running sums never grow (a copy per growth)
+    order = sorted(range(len(adapters)), key=lambda k: -raw[k][0].shape[0])
+    weights = p.tolist()
+    for adapter, factors, weight in ((adapters[k], raw[k], weights[k]) for k in order):
+        a, b = _fold_checked(adapter, module, factors, scratch.fold, check)
+        try:
+            strategy.fold_in(state, a, b, weight)
+        except (AdapterError, RuntimeError) as exc:
+            if not check:
+                _name_non_finite_input([adapter], module)
+            if isinstance(exc, AdapterError):
+                raise type(exc)(f"{adapter.where}: {exc}") from exc
+            raise
+    return strategy.finish(state, 1.0, previous)
+
+
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, module: str, key: str) -> torch.Tensor:
+    """``tensor`` in the output dtype, refused (``NonFiniteTensorError`` naming the module) when a
+    value is NaN/Inf: a merged value past float16's range is an error, never an Inf in the output."""
+    out = tensor.to(dtype).contiguous()
+    if not torch.isfinite(out.sum(dtype=torch.float32)) and not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
+        raise NonFiniteTensorError(
+            f"merged module `{module}`: tensor `{key}` holds {bad} NaN/Inf value(s) in the output dtype "
+            f"{str(dtype).replace('torch.', '')}"
+            + (
+                " (the float32 result is finite: it overflows this dtype; pass `dtype=torch.float32`)."
+                if torch.isfinite(tensor).all()
+                else " (the clients' weighted sum overflows float32)."
+            )
+        )
+    return out
+
+
+def dense_terms(
+    adapters: Sequence[LoraAdapter], module: str, p: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A module's LoRA bias and DoRA magnitude in the merged adapter: ``sum_k p_k s_k bias_k`` (the
+    bias update, stored at scale 1) and ``sum_k p_k m_k``, whatever the rule."""
+    terms = {}
+    if module in adapters[0].layout.biases:
+        bias = sum(w * a.delta_bias(module) for w, a in zip(p, adapters))
+        terms[bias_key(module)] = cast_checked(bias, dtype, module, bias_key(module))
+    if module in adapters[0].layout.magnitudes:
+        magnitude = sum(w * a.magnitude(module).float() for w, a in zip(p, adapters))
+        terms[magnitude_key(module)] = cast_checked(magnitude, dtype, module, magnitude_key(module))
+    return terms
+
+
+def merge_modules(
+    adapters: Sequence[LoraAdapter],
+    strategy: Strategy,
+    p: torch.Tensor,
+    *,
+    target_rank: int | None,
+    prior: LoraAdapter | None,
+    out_dtype: torch.dtype,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every LoRA module of ``adapters`` (checked compatible) merged by ``strategy`` with the
+    normalised weights ``p``: the output tensors keyed as PEFT saves them, and each module's rank.
+
+    Raises:
+        NonFiniteTensorError: naming the client whose factors hold NaN/Inf (stored or once folded),
+            or the module whose merged factors are not finite in float32 or in ``out_dtype``.
+        AdapterError: what the rule raises for one client, prefixed with that client's name.
+    """
+    layout = adapters[0]
+    modules = list(layout.modules)
+    max_ranks = [max(a.ranks.values()) for a in adapters]
+    # a NaN or Inf that reaches the merged module is caught there, in one check per module
+    check = not strategy.reads_every_value(max_ranks, target_rank)
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    scratch = _Scratch()
+    with contextlib.ExitStack() as files, ThreadPoolExecutor(1, thread_name_prefix="hf-fedlora-read") as pool:
+        if len(adapters) <= MAX_HELD_FILES:  # one descriptor per client for the whole merge
+            for adapter in adapters:
+                files.enter_context(adapter.held_open())
+        pending = pool.submit(_read, adapters, modules[0], check) if modules else None
+        for i, module in enumerate(
+            tqdm(modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module")
+        ):
+            raw = pending.result()
+            if i + 1 < len(modules):  # the next module's reads overlap this module's arithmetic
+                pending = pool.submit(_read, adapters, modules[i + 1], check)
+            previous = prior.folded_factors(module) if prior is not None else None
+            a, b = _merge_module(adapters, module, raw, strategy, p, target_rank, previous, check, scratch)
+            del raw
+            if not check and not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
+                _name_non_finite_input(adapters, module)  # every input is finite: the sum overflowed
+            a_shape, b_shape = layout.factor_shapes(module)
+            a_key, b_key = layout.layout.factor_keys(module)
+            ranks[module] = a.shape[0]
+            state[a_key] = cast_checked(a.reshape(a.shape[0], *a_shape[1:]), out_dtype, module, a_key)
+            state[b_key] = cast_checked(
+                b.reshape(b.shape[0], a.shape[0], *b_shape[2:]), out_dtype, module, b_key
+            )
+            state.update(dense_terms(adapters, module, p, out_dtype))
+    return state, ranks
+
+
+__all__ = ["cast_checked", "dense_terms", "merge_modules"]
