@@ -131,3 +131,22 @@ def test_strategy_records_lost_nodes_and_min_train_replies(monkeypatch) -> None:
     assert record.lost == [(5, "no reply within the 30 s timeout")]
     with pytest.raises(ValueError, match="min_train_replies"):
         HeteroLoraStrategy(min_train_replies=0)
+
+
+def test_a_straggler_timeout_ends_the_round_soon_after_the_quorum(logged) -> None:
+    grid = _ScriptedGrid({1: 0.0, 2: None, 3: 0.05})
+    collector = ReplyCollector(grid, poll_interval=0.02, straggler_timeout=0.2, quorum=2)
+    replies, took = _collect(collector, [1, 2, 3], timeout=30)
+    assert len(replies) == 2 and 0.2 <= took < 5
+    missing = collector.take_missing()
+    assert list(missing) == [2] and "0.2 s straggler timeout after 2 of 3 replies" in missing[2]
+    # below the quorum the round waits for `timeout`, as without a straggler timeout
+    collector = ReplyCollector(
+        _ScriptedGrid({1: 0.0, 2: None, 3: None}), poll_interval=0.02, straggler_timeout=0.1, quorum=2
+    )
+    replies, took = _collect(collector, [1, 2, 3], timeout=0.6)
+    assert len(replies) == 1 and took >= 0.55
+    missing = collector.take_missing()
+    assert sorted(missing) == [2, 3] and all("within the 1 s timeout" in why for why in missing.values()), missing
+    with pytest.raises(ValueError, match="straggler_timeout"):
+        ReplyCollector(grid, straggler_timeout=-1)

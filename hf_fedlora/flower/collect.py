@@ -12,7 +12,10 @@ wraps the ``ServerApp``'s grid so that a round
   reply (with its id and why) and keeping them in :attr:`ReplyCollector.missing`,
 - does not wait long for a node that already missed a deadline: once every other node has
   replied, such a node gets as long again as the round has lasted, then the round goes on.
-  A reply from it clears it.
+  A reply from it clears it,
+- with a ``straggler_timeout``, waits at most that long for the rest once ``quorum`` replies have
+  come: a round then lasts as long as its healthy nodes need plus at most ``straggler_timeout``,
+  whatever ``timeout`` is (a generous ``timeout`` costs nothing when a node dies).
 
 :class:`~hf_fedlora.flower.HeteroLoraStrategy` wraps its grid in one in ``start``, so its
 ``timeout`` argument is the round's reply timeout.
@@ -46,6 +49,9 @@ class ReplyCollector(Grid):
             train replies into the round's merge.
         pull_batch: at most this many replies are pulled (and held) at once; default 1 with a hook
             (one request to the SuperLink per pending reply and poll), else every pending reply.
+        straggler_timeout: seconds the round still waits once ``quorum`` (non-error) replies came;
+            ``None``: until ``timeout``.
+        quorum: replies after which ``straggler_timeout`` starts counting (at least 1).
 
     Attributes:
         missing: ``{node_id: reason}`` of the nodes whose reply did not come (or came as an error) in
@@ -60,8 +66,14 @@ class ReplyCollector(Grid):
         poll_interval: float = POLL_INTERVAL_S,
         on_reply: Callable[[Message], Message | None] | None = None,
         pull_batch: int | None = None,
+        straggler_timeout: float | None = None,
+        quorum: int = 1,
     ) -> None:
+        if straggler_timeout is not None and not straggler_timeout >= 0:
+            raise ValueError(f"`straggler_timeout` must be a non-negative number, got {straggler_timeout!r}.")
         self.grid = grid
+        self.straggler_timeout = straggler_timeout
+        self.quorum = max(int(quorum), 1)
         self.poll_interval = poll_interval
         self.on_reply = on_reply
         self.pull_batch = pull_batch
@@ -127,6 +139,7 @@ class ReplyCollector(Grid):
                 self._lose(node, "the message to it could not be pushed to the SuperLink")
         replies: list[Message] = []
         healthy_done: float | None = None
+        answered, quorum_at = 0, None
         while pending:
             for reply in self._pull(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -136,6 +149,7 @@ class ReplyCollector(Grid):
                     self._lose(node, f"error reply: {reply.error.reason}")
                 else:
                     self.suspects.discard(node)
+                    answered += 1
                 kept = reply if self.on_reply is None else self.on_reply(reply)
                 del reply  # with a hook that consumed it, the reply is freed before the next pull
                 if kept is not None:
@@ -143,15 +157,25 @@ class ReplyCollector(Grid):
             now = time.monotonic()
             if not pending or now >= deadline:
                 break
+            if self.straggler_timeout is not None and answered >= min(self.quorum, len(messages)):
+                quorum_at = quorum_at or now
+                if now - quorum_at >= self.straggler_timeout:
+                    break
             if set(pending.values()) <= self.suspects:
                 healthy_done = healthy_done or now
                 if now - healthy_done >= max(healthy_done - start, self.poll_interval):
                     break
             time.sleep(min(self.poll_interval, max(deadline - now, 0.0)))
-        waited = time.monotonic() - start
+        now = time.monotonic()
+        waited = now - start
         for node in pending.values():
             if node in self.suspects:
                 why = f"no reply after {waited:.0f} s; it missed the previous deadline too"
+            elif quorum_at is not None and now < deadline:
+                why = (
+                    f"no reply within the {self.straggler_timeout:g} s straggler timeout after {answered} of "
+                    f"{len(messages)} replies came ({waited:.0f} s into the round)"
+                )
             else:
                 why = f"no reply within the {waited:.0f} s timeout"
             self._lose(node, why)

@@ -131,7 +131,14 @@ class HeteroLoraStrategy(FedAvg):
         log(INFO, "\t└──> LoRA: aggregation '%s', send back '%s'", self.aggregation.name, self.send_back)
 
     def start(
-        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        *,
+        straggler_timeout: float | None = None,
+        **kwargs,
     ):
         """Flower's ``Strategy.start``, collecting each round's replies with a :class:`ReplyCollector`
         that hands every train reply to :meth:`on_reply` as it is pulled (folded in, then let go).
@@ -139,9 +146,17 @@ class HeteroLoraStrategy(FedAvg):
         Args:
             timeout: seconds a round waits for its replies; nodes that have not replied by then are
                 logged as lost and the round goes on without them.
+            straggler_timeout: once ``min_train_replies`` replies have come, seconds the round still
+                waits for the others (``None``: until ``timeout``).
             **kwargs: ``train_config``, ``evaluate_config``, ``evaluate_fn`` (see ``FedAvg.start``).
         """
-        self.collector = grid if isinstance(grid, ReplyCollector) else ReplyCollector(grid)
+        if isinstance(grid, ReplyCollector):
+            self.collector = grid
+            if straggler_timeout is not None:
+                self.collector.straggler_timeout = straggler_timeout
+        else:
+            self.collector = ReplyCollector(grid, straggler_timeout=straggler_timeout)
+        self.collector.quorum = self.min_train_replies
         self.collector.on_reply = self.on_reply
         return super().start(self.collector, initial_arrays, num_rounds=num_rounds, timeout=timeout, **kwargs)
 

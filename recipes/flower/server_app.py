@@ -8,9 +8,11 @@ Hub commit and ``round-NNNN`` tag per round. The writer is the recipes'
 ``metrics.jsonl`` line (``hub_push``), and the run goes on. For ``task = "instruct"`` round 0 (the
 base model) is evaluated and recorded too.
 
-Lost nodes: a round waits ``round-timeout`` seconds for its replies, then goes on with those that
-came (``min-train-replies`` at least, else it keeps the previous adapter); each missing node is
-logged with its id and listed under ``dropped`` in the round's line.
+Lost nodes: a round waits ``round-timeout`` seconds for its replies (with ``straggler-timeout`` set,
+at most that long once ``min-train-replies`` replies came), then goes on with those that came
+(``min-train-replies`` at least, else it keeps the previous adapter); each missing node is logged
+with its id and listed under ``dropped`` in the round's line. Each reply is checked and folded into
+the running merge as it arrives (``HeteroLoraStrategy``), so the server holds one reply at a time.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord(dict(adapter_config)),
         num_rounds=int(config["num-server-rounds"]),
         timeout=float(config["round-timeout"]),
+        straggler_timeout=float(config["straggler-timeout"]) or None,
         evaluate_fn=evaluate_global,
     )
     final = result.evaluate_metrics_serverapp.get(int(config["num-server-rounds"]))

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "min-train-nodes": 1,  # nodes sampled per round at least
     "fraction-train": 1.0,  # share of the connected nodes sampled per round
     "round-timeout": 600.0,  # seconds a round waits for replies; missing nodes are logged and left out
+    "straggler-timeout": 0.0,  # > 0: once min-train-replies replies came, seconds to wait for the rest; 0: off
     "min-train-replies": 1,  # usable replies a round needs to aggregate, else it keeps the previous adapter
 }
 
