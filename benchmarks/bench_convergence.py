@@ -162,17 +162,15 @@ def write_report(
 
 
 def run_order(preset: Preset) -> list[tuple[int, str]]:
-    """Replication and zero-padding (the question asked) over every seed first, seed by seed, so
-    paired runs finish together; then the other strategies seed by seed. With cells: cell by cell,
-    each in that order."""
+    """Seed by seed (so a chunked invocation completes the first seeds of every cell first, and
+    paired runs finish together); within a seed, cell by cell, replication and zero-padding (the
+    question asked) before the other strategies."""
     order = []
-    for cell in preset.cells or [None]:
-        labels = [lb for lb in preset.labels() if parse_label(lb)[2] == cell]
-        first = [lb for lb in labels if lb.split("@")[0] in ("replication", "zero_padding")]
-        rest = [lb for lb in labels if lb not in first]
-        order += [(sd, lb) for sd in preset.seeds for lb in first] + [
-            (sd, lb) for sd in preset.seeds for lb in rest
-        ]
+    for seed in preset.seeds:
+        for cell in preset.cells or [None]:
+            labels = [lb for lb in preset.labels() if parse_label(lb)[2] == cell]
+            first = [lb for lb in labels if lb.split("@")[0] in ("replication", "zero_padding")]
+            order += [(seed, lb) for lb in first + [lb for lb in labels if lb not in first]]
     return order
 
 

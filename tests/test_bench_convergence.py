@@ -155,6 +155,9 @@ def test_regime_presets_cells_and_labels() -> None:
     )
     assert client.revive_zero_slots and not client.nested_rank and client.learning_rate == 0.003
     assert fed.strategy == "zero_padding" and set(fed.ranks.split(",")) == {"2", "64"}
+    order = sys.modules["bench_convergence"].run_order(regimes)
+    assert len(order) == len(regimes.labels()) * 5 and {seed for seed, _ in order[:21]} == {0}
+    assert [lb for _, lb in order[:3]] == ["replication@base", "zero_padding@base", "flexlora@base"]
     cpu_r, cpu_b = presets["regimes_cpu"], presets["beyond_cpu"]
     label = "replication@lr3e-3_gap2-64"
     assert cpu_r.for_label(label).settings() == cpu_b.for_label(label).settings()
