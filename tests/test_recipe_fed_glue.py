@@ -141,6 +141,17 @@ def test_resume_after_interruption_equals_uninterrupted_run(
         assert [c["loss"] for c in g["clients"]] == pytest.approx([c["loss"] for c in w["clients"]], abs=1e-6)
 
 
+def assert_two_processes_trained(out, one_process) -> None:
+    """The main process folds its own clients in memory; a second process's clients come through
+    ``_exchange/`` folders, so the merge's provenance shows whether one really ran."""
+    for run, exchanged in ((out, True), (one_process, False)):
+        sources = [
+            c["source"]
+            for c in json.loads((run / "round-0001" / "fedlora_provenance.json").read_text())["clients"]
+        ]
+        assert any("_exchange" in s for s in sources) == exchanged, sources
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -164,6 +175,7 @@ def test_two_processes_give_the_same_global_adapter_as_one(baseline, tiny_model_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_two_processes_trained(out, baseline)
     for name in ("round-0001", "round-0002"):
         two, one = adapter_tensors(out / name), adapter_tensors(baseline / name)
         assert set(two) == set(one)

@@ -250,6 +250,10 @@ def test_plain_python_and_two_processes_give_the_baseline_adapters(
     ]
     accelerate += ["--config_file", str(REPO_ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml")]
     _run_script(accelerate, instruct_recipe_args(tiny_llama_dir, shared_data, tmp_path / "k2"))
+    # a second process's clients reach the main one through `_exchange/` folders (its own: in memory)
+    for run, exchanged in ((tmp_path / "k2", True), (instruct_baseline, False)):
+        provenance = json.loads((run / "round-0001" / "fedlora_provenance.json").read_text())
+        assert any("_exchange" in c["source"] for c in provenance["clients"]) == exchanged
     for out, atol in ((tmp_path / "python", 1e-6), (tmp_path / "k2", 1e-5)):
         for name in ("round-0001", "round-0002"):
             _assert_same_adapter(out / name, instruct_baseline / name, atol=atol)

@@ -63,7 +63,6 @@ def set_torch_threads(count: int = 0) -> int:
     else this machine's cores divided among the ``accelerate launch`` processes; returns the count.
     The recipes call it after parsing (a config's ``env:`` block may set ``OMP_NUM_THREADS``)."""
     import torch
-    from accelerate import PartialState
 
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if count > 0:
@@ -71,9 +70,21 @@ def set_torch_threads(count: int = 0) -> int:
     elif threads.isdigit() and int(threads) > 0:
         count = int(threads)
     else:
-        count = max(1, (os.cpu_count() or 1) // PartialState().num_processes)
+        # the launcher's WORLD_SIZE, not accelerate's PartialState: made here, before the run's
+        # Accelerator, it would fix the process group's settings (a CPU group needs cpu=True)
+        count = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("WORLD_SIZE") or 1)))
     torch.set_num_threads(count)
     return count
+
+
+def _cpu_group() -> bool:
+    """Whether this is one of several launched processes on a machine without CUDA. Accelerate forms
+    their (gloo) group only when told ``cpu=True``; otherwise each would run alone as the main
+    process. (``accelerate launch`` starts several processes on one machine through torchrun, which
+    does not pass on a config's ``use_cpu``.)"""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1 and not torch.cuda.is_available()
 
 
 def client_seed(seed: int, round_index: int, client_id: int) -> int:
@@ -188,7 +199,9 @@ def run_federation(
     lock = None
     try:
         check_output_dir(out)
-        accelerator = Accelerator(log_with=fed_args.report_to or None, project_dir=fed_args.output_dir)
+        accelerator = Accelerator(
+            cpu=_cpu_group(), log_with=fed_args.report_to or None, project_dir=fed_args.output_dir
+        )
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             lock = OutputDirLock(out).acquire()
@@ -255,8 +268,8 @@ def _run_rounds(run: FederationRun, state: RunState, resumed: bool) -> Federatio
     records = read_records(out, state.completed_round)
     if is_main:
         _finish(run, records, state.completed_round)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group
     return FederationResult(out, records, round_dir(out, state.completed_round))
 
 
