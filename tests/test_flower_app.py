@@ -141,3 +141,45 @@ def test_run_config_keys_are_the_pyproject_keys(apps) -> None:
         assert value == task.DEFAULTS[key], key
     federations = project["tool"]["flwr"]["federations"]
     assert federations["local-deployment"] == {"address": "127.0.0.1:8000", "insecure": True}
+
+
+def _label_spread(labels, parts) -> float:
+    """How far apart the clients' shares of the most common label are (0: identical mixes)."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    common = np.bincount(labels).argmax()
+    shares = [float(np.mean(labels[p] == common)) for p in parts]
+    return max(shares) - min(shares)
+
+
+@pytest.mark.parametrize(
+    "kind, split, extra",
+    [
+        ("sst2", "dirichlet", {"dirichlet-alpha": 0.1}),
+        ("sst2", "high_quality", {"high-quality-fraction": 0.25, "dirichlet-alpha": 0.1}),
+        ("instruct", "task_type", {}),
+    ],
+)
+def test_non_iid_partitions_from_the_run_config(apps, shared_data, kind, split, extra) -> None:
+    """`partition` in the run config splits the rows as the recipes do: disjoint shards covering every
+    row, the same on every node, and label (or task-type) skewed where the IID split is not."""
+    import numpy as np
+
+    task, _ = apps
+    base = {"task": kind, "train-examples-per-client": 40, "eval-examples": 8, "max-length": 32}
+    base["data-dir"] = str(shared_data / ("instruct" if kind == "instruct" else "glue"))
+    iid, skewed = task.run_config(base), task.run_config({**base, "partition": split, **extra})
+    data = task.load_data(skewed, {}, 4)
+    labels = np.asarray(data.train.labels)
+    parts = task.partitioner(skewed, 4)(labels)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))  # disjoint, every row
+    again = task.partitioner(task.run_config({**base, "partition": split, **extra}), 4)(labels)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))  # every node computes the same split
+    assert _label_spread(labels, parts) > _label_spread(labels, task.partitioner(iid, 4)(labels)) + 0.1
+    for i, part in enumerate(parts):
+        shard, expected = task.client_shard(skewed, data, i, 4), data.train.select(part)
+        rows = "texts" if hasattr(expected, "texts") else "instructions"
+        assert len(shard) == len(part) and list(getattr(shard, rows)) == list(getattr(expected, rows))
+    with pytest.raises(ValueError, match="`partition` must be one of"):
+        task.partitioner(task.run_config({**base, "partition": "by_vibes"}), 4)

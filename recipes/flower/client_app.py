@@ -65,7 +65,7 @@ def train_step(msg: Message, context: Context) -> Message:
     view = client_view(msg, rank=rank, lora_alpha=alpha)
     write_status(node, context, server_round, "training", partition=partition, rank=rank)
     data = task.load_data(config, node, num_partitions)
-    shard = task.client_shard(data, partition, num_partitions, int(config["seed"]))
+    shard = task.client_shard(config, data, partition, num_partitions)
     adapter, metrics = train_client(
         None,
         view,

@@ -48,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
     "lora-dropout": 0.0,
     "seed": 0,
+    "partition": "iid",  # iid, dirichlet, high_quality (classification) / iid, dirichlet, task_type (instruct)
+    "dirichlet-alpha": 0.5,  # dirichlet and high_quality: concentration of the label skew (small: skewed)
+    "high-quality-fraction": 0.1,  # high_quality: share of partitions given class-balanced data
     "device": "",  # empty: cuda when available, else cpu
     "output-dir": "outputs/flower",  # relative: to the ServerApp's working directory (the SuperLink's)
     "hub-repo-id": "",  # set to push every round with hf_fedlora.hub.push_round (token: HF_TOKEN)
@@ -183,11 +186,43 @@ def load_data(
     return load_task(data_args, seed=seed)
 
 
-def client_shard(data, partition: int, num_partitions: int, seed: int):
-    """This client's rows: part ``partition`` of an IID split of the training rows into ``num_partitions``."""
-    from hf_fedlora.federation import IidPartitioner
+def partitioner(config: Mapping[str, Any], num_partitions: int):
+    """The recipes' split of the training rows among ``num_partitions`` clients, as ``partition``
+    names it: ``hf_fedlora.federation.make_partitioner`` (``iid``, ``dirichlet`` label skew,
+    ``high_quality``: the seed paper's split), or for ``instruct`` ``make_instruct_partitioner``
+    (``iid``, ``dirichlet`` and ``task_type`` on the rows' task types). Every node computes the same
+    split from the same rows and seed.
 
-    parts = IidPartitioner(num_partitions, seed=seed)(data.train.labels)
+    Raises:
+        ValueError: an unknown ``partition`` (naming the valid ones) or invalid parameters.
+    """
+    name, seed = str(config["partition"]), int(config["seed"])
+    alpha = float(config["dirichlet-alpha"])
+    if is_instruct(config):
+        from hf_fedlora.federation.instruct_data import make_instruct_partitioner
+
+        return make_instruct_partitioner(name, num_partitions, seed=seed, dirichlet_alpha=alpha)
+    from hf_fedlora.federation import make_partitioner
+
+    fraction = float(config["high-quality-fraction"])
+    return make_partitioner(
+        name, num_partitions, seed=seed, dirichlet_alpha=alpha, high_quality_fraction=fraction
+    )
+
+
+def client_shard(config: Mapping[str, Any], data, partition: int, num_partitions: int):
+    """This client's rows: part ``partition`` of the run config's split (:func:`partitioner`) of the
+    training rows into ``num_partitions``.
+
+    Raises:
+        ValueError: the split leaves this client without rows.
+    """
+    parts = partitioner(config, num_partitions)(data.train.labels)
+    if not 0 <= partition < len(parts) or len(parts[partition]) == 0:
+        raise ValueError(
+            f"the `{config['partition']}` split of {len(data.train)} training rows into {num_partitions} "
+            f"leaves partition {partition} without rows; use fewer partitions, more rows or another split."
+        )
     return data.train.select(parts[partition])
 
 
