@@ -24,6 +24,7 @@ from testing_utils import (
     RECIPE,
     REPO_ROOT,
     adapter_tensors,
+    load_instruct_recipe,
     load_recipe,
     read_metrics,
     recipe_args,
@@ -142,14 +143,16 @@ def test_lock_refuses_a_live_holder_takes_over_a_stale_one_and_is_released(
 ):
     out = tmp_path / "locked"
     out.mkdir()
-    with OutputDirLock(out):
+    with OutputDirLock(out):  # another open file of this process: flock refuses it like another process
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1))
+        assert not (out / "state.json").exists(), "refused before touching the folder"
     assert not (out / LOCK_NAME).exists()
     (out / LOCK_NAME).write_text("999999\n")  # left by a dead run: nobody holds the flock
-    run_recipe(recipe_args(tiny_model_dir, shared_data, out, rounds=1))
-    assert not (out / LOCK_NAME).exists()
-    OutputDirLock(out).acquire().release()
+    lock = OutputDirLock(out).acquire()
+    assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    lock.release()
+    assert not (out / LOCK_NAME).exists()  # a finished run's: see the interrupt and corrupt-state tests
 
 
 # -- 3: --resume reads the saved options ------------------------------------------------------------
@@ -192,6 +195,7 @@ def test_corrupt_state_is_named_and_overwrite_clears_it(
         recipe_args(tiny_model_dir, shared_data, out, rounds=1, overwrite_output_dir=True), capsys
     )
     assert code == 0, err
+    assert not (out / LOCK_NAME).exists(), "the lock is released on exit"
     assert json.loads((out / "state.json").read_text())["completed_round"] == 1
     assert [r["round"] for r in read_metrics(out)] == [1]
 
@@ -225,6 +229,9 @@ def test_operator_mistakes_are_one_line_and_exit_2(
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("fed_glue.py: error:") and expected in lines[0], err
     assert not (tmp_path / "m" / LOCK_NAME).exists(), "the lock is released after a failed start"
+    code = load_instruct_recipe().cli(["--config", str(bad_yaml), "--output_dir", str(tmp_path / "i")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fed_instruct.py: error: ") and len(err.strip().splitlines()) == 1
 
 
 # -- 5, 6: the plot's round 0 and strategy; clipping recorded --------------------------------------
