@@ -59,6 +59,10 @@ class Preset:
     kind: str = "merge"
     """``merge``: every strategy against the I/O floor, PEFT and a dense SVD; ``streaming``:
     ``StreamingAggregator`` against ``aggregate_adapters`` on the same clients."""
+    streaming_strategies: tuple[str, ...] = ()
+    """In a ``merge`` preset, the strategies also timed as ``StreamingAggregator`` vs list."""
+    skip: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Cases left out (keys as in the JSON), each with the reason the page gives."""
 
     @property
     def signature(self) -> str:
@@ -132,10 +136,15 @@ def _tensor_bytes(dirs: list[str]) -> int:
 def case_io_floor(spec: dict) -> dict:
     """Read every input tensor once with safetensors (copied into process memory), and hash the
     files as ``aggregate_adapters`` does for provenance (``LoraAdapter.sha256``)."""
+    import hashlib
+    import struct
+
+    import torch
     from safetensors import safe_open
 
     from hf_fedlora import LoraAdapter
 
+    torch.set_num_threads(1)  # as the strategy cases
     files = [os.path.join(d, "adapter_model.safetensors") for d in spec["dirs"]]
     adapters = [LoraAdapter.from_pretrained(d) for d in spec["dirs"]]  # opened lazily: nothing read yet
 
@@ -145,11 +154,27 @@ def case_io_floor(spec: dict) -> dict:
                 for key in handle.keys():
                     convert(handle.get_tensor(key))
 
+    def read_hash_materialise() -> None:
+        """Each file read once into memory, its sha256 taken from that buffer, and every tensor made
+        from it (``frombuffer``: no further copy): the floor of a merge that records provenance."""
+        for f in files:
+            with open(f, "rb", buffering=0) as handle:
+                buffer = bytearray(os.fstat(handle.fileno()).st_size)
+                handle.readinto(buffer)
+            hashlib.sha256(buffer).hexdigest()
+            (length,) = struct.unpack("<Q", buffer[:8])
+            header = json.loads(buffer[8 : 8 + length])
+            header.pop("__metadata__", None)
+            for info in header.values():
+                start, end = (8 + length + o for o in info["data_offsets"])
+                torch.frombuffer(buffer, dtype=torch.bfloat16, count=(end - start) // 2, offset=start)
+
     # get_tensor may return a view of the mapped file; clone() makes it an actual read into memory.
     variants = {
         "read": lambda: read(lambda t: t.clone()),
         "read_f32": lambda: read(lambda t: t.float()),
         "sha256": lambda: [a.sha256() for a in adapters],
+        "read_sha256": read_hash_materialise,
     }
     out = {
         name: summarize(repeat_timed(fn, spec["repeats"], spec["max_seconds"]))
@@ -166,15 +191,12 @@ def case_strategy(spec: dict) -> dict:
     import torch
 
     import hf_fedlora
-    from hf_fedlora import LoraAdapter, aggregate_adapters
-
-    class UnhashedAdapter(LoraAdapter):
-        """The same adapter with the provenance hash left out, to price the hashing."""
-
-        def sha256(self) -> str:
-            return "not-hashed"
+    from hf_fedlora import aggregate_adapters
 
     dirs, name = spec["dirs"], spec["strategy"]
+    # one torch thread: on a shared 2-core machine a loaded intra-op pool thrashes (the merge's read
+    # helper thread still runs beside it)
+    torch.set_num_threads(1)
     base = {"maxrss": max_rss_bytes(), **proc_status()}
     info: dict[str, Any] = {}
 
@@ -183,10 +205,8 @@ def case_strategy(spec: dict) -> dict:
     def run() -> None:
         held.append(aggregate_adapters(dirs, strategy=name))
 
-    def run_unhashed() -> (
-        None
-    ):  # the same call: aggregate_adapters opens the folders with from_pretrained too
-        held.append(aggregate_adapters([UnhashedAdapter.from_pretrained(d) for d in dirs], strategy=name))
+    def run_unhashed() -> None:  # the same call without the provenance sha256
+        held.append(aggregate_adapters(dirs, strategy=name, record_sha256=False))
 
     def release() -> None:  # untimed: measure the output, free it
         result = held.pop()
@@ -287,54 +307,104 @@ def case_peft(spec: dict) -> dict:
     }
 
 
-def case_dense_svd(spec: dict) -> dict:
-    """FlexLoRA's factored SVD of one module against ``torch.linalg.svd`` of the dense sum."""
+def _shared_directions(folded: list, seed: int = 0) -> list:
+    """The clients' factors made to share 32 directions of decaying strength (plus their own noise):
+    the kind of sum whose spectrum decays, as updates of one task do, unlike independent random ones."""
     import torch
 
-    from hf_fedlora import LoraAdapter, get_strategy
-    from hf_fedlora.strategies import ModuleInputs
+    gen = torch.Generator().manual_seed(seed)
+    out_dim, in_dim = folded[0][1].shape[0], folded[0][0].shape[1]
+    u, v = torch.randn(out_dim, 32, generator=gen), torch.randn(32, in_dim, generator=gen)
+    scale = folded[0][1].std()
+    shared = []
+    for a, b in folded:
+        a, b = a.clone(), b.clone()
+        k = min(a.shape[0], 32)
+        b[:, :k] = u[:, :k] * (0.5 ** torch.arange(k)) * scale + 1e-3 * b[:, :k]
+        a[:k] = v[:k] * a.std()
+        shared.append((a, b))
+    return shared
 
+
+def case_dense_svd(spec: dict) -> dict:
+    """FlexLoRA on one module: the exact factored SVD, the randomised range finder (forced, and as
+    ``svd="auto"`` decides), against ``torch.linalg.svd`` of the dense sum; on the benchmark's
+    independent clients and on the same factors made to share directions."""
+    import torch
+
+    from hf_fedlora import LoraAdapter
+    from hf_fedlora.strategies import FlexLoraStrategy, ModuleInputs
+
+    torch.set_num_threads(1)
     adapters = [LoraAdapter.from_pretrained(d) for d in spec["dirs"]]
     module = adapters[0].modules[0]
-    folded = [a.folded_factors(module) for a in adapters]
     p = torch.full((len(adapters),), 1.0 / len(adapters))
-    inputs = ModuleInputs(name=module, a=[f[0] for f in folded], b=[f[1] for f in folded], weights=p)
-    strategy = get_strategy("flexlora")
-    holder: dict[str, Any] = {}
-
-    def flex() -> None:
-        holder["ab"] = strategy.aggregate_module(inputs)
-
-    def dense_sum() -> None:
-        holder["w"] = sum(w * (b @ a) for w, (a, b) in zip(p, folded))
-
-    def dense_svd() -> None:
-        holder["svd"] = torch.linalg.svd(holder["w"], full_matrices=False)
-
-    t_flex = summarize(repeat_timed(flex, spec["repeats"], spec["max_seconds"]))
-    t_sum = summarize(repeat_timed(dense_sum, spec["repeats"], spec["max_seconds"]))
-    t_svd = summarize(repeat_timed(dense_svd, spec["svd_repeats"], spec["max_seconds"]))
-    rank = inputs.max_rank
-    u, s, vh = holder["svd"]
-    w = holder["w"]
-    dense = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    a, b = holder["ab"]
-    flexr = b @ a
     norm = lambda x: float(torch.linalg.matrix_norm(x))  # noqa: E731
-    return {
-        "module": module,
-        "shape": list(w.shape),
-        "sum_ranks": sum(inputs.ranks),
-        "target_rank": rank,
-        "flexlora": t_flex,
-        "dense_sum": t_sum,
-        "dense_svd": t_svd,
-        "speedup_svd_only": t_svd["median"] / t_flex["median"],
-        "speedup_sum_plus_svd": (t_svd["median"] + t_sum["median"]) / t_flex["median"],
-        "rel_diff_reconstructions": norm(flexr - dense) / norm(dense),
-        "rel_error_flexlora": norm(w - flexr) / norm(w),
-        "rel_error_dense": norm(w - dense) / norm(w),
-    }
+    out: dict[str, Any] = {"module": module}
+    base = [a.folded_factors(module) for a in adapters]
+    for variant, folded in (("independent", base), ("shared", _shared_directions(base))):
+        inputs = ModuleInputs(name=module, a=[f[0] for f in folded], b=[f[1] for f in folded], weights=p)
+        holder: dict[str, Any] = {}
+        rules = {
+            "flexlora": FlexLoraStrategy("exact"),
+            "randomized": FlexLoraStrategy("randomized"),
+            "auto": FlexLoraStrategy("auto"),
+        }
+        res: dict[str, Any] = {}
+        for label, rule in rules.items():
+            res[label] = summarize(
+                repeat_timed(
+                    lambda rule=rule, label=label, h=holder, x=inputs: h.__setitem__(
+                        label, rule.aggregate_module(x)
+                    ),
+                    spec["repeats"],
+                    spec["max_seconds"],
+                )
+            )
+        res["certificate"] = rules["randomized"].last_bound
+        w = sum(float(pk) * (b.double() @ a.double()) for pk, (a, b) in zip(p, folded))
+        rank = inputs.max_rank
+        energy = norm(w) ** 2
+        recon = {k: (v[1].double() @ v[0].double()) for k, v in holder.items()}
+        errors = {k: norm(w - r) ** 2 / energy for k, r in recon.items()}
+        res["excess_randomized"] = errors["randomized"] - errors["flexlora"]
+        res["auto_used_randomized"] = bool(torch.equal(holder["auto"][0], holder["randomized"][0]))
+        res["rel_error_flexlora"] = errors["flexlora"] ** 0.5
+        res["rel_error_randomized"] = errors["randomized"] ** 0.5
+        out[variant] = res
+        if variant == "independent":
+
+            def dense_sum(h=holder, f=folded) -> None:
+                h["w"] = sum(float(pk) * (b @ a) for pk, (a, b) in zip(p, f))
+
+            t_sum = summarize(repeat_timed(dense_sum, spec["repeats"], spec["max_seconds"]))
+            t_svd = summarize(
+                repeat_timed(
+                    lambda h=holder: h.__setitem__("svd", torch.linalg.svd(h["w"], full_matrices=False)),
+                    spec["svd_repeats"],
+                    spec["max_seconds"],
+                )
+            )
+            u, s, vh = holder["svd"]
+            dense = ((u[:, :rank] * s[:rank]) @ vh[:rank]).double()
+            out.update(
+                shape=list(w.shape),
+                sum_ranks=sum(inputs.ranks),
+                target_rank=rank,
+                flexlora=res["flexlora"],
+                dense_sum=t_sum,
+                dense_svd=t_svd,
+                speedup_svd_only=t_svd["median"] / res["flexlora"]["median"],
+                speedup_sum_plus_svd=(t_svd["median"] + t_sum["median"]) / res["flexlora"]["median"],
+                rel_diff_reconstructions=norm(recon["flexlora"] - dense) / norm(dense),
+                rel_error_flexlora=res["rel_error_flexlora"],
+                rel_error_dense=norm(w - dense) / norm(w),
+            )
+    for variant in ("independent", "shared"):
+        res = out[variant]
+        res["speedup_randomized_vs_dense_svd"] = out["dense_svd"]["median"] / res["randomized"]["median"]
+        res["speedup_randomized_vs_exact"] = res["flexlora"]["median"] / res["randomized"]["median"]
+    return out
 
 
 def case_streaming(spec: dict) -> dict:

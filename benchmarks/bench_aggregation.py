@@ -11,11 +11,13 @@ stated sample of modules, extrapolated) and FlexLoRA's factored SVD against a de
     python benchmarks/bench_aggregation.py --preset full --keep    # 32 layers, 10 and 50 clients
     python benchmarks/bench_aggregation.py --preset streaming      # StreamingAggregator vs the list, 10-1,000 clients
     python benchmarks/bench_aggregation.py --report-only           # rewrite the page from the JSON
+    python benchmarks/bench_aggregation.py --preset full --publish # write docs/results/ (committed results)
 
 Presets are ``configs/aggregation_<preset>.yaml``; the cases are in ``aggregation_cases.py``, the
-summary, plots and page in ``report_aggregation.py``. Results go to
-``docs/results/aggregation.json`` (one section per preset), ``aggregation.md`` (rendered from the
-JSON) and ``aggregation_<preset>_*.png``.
+summary, plots and page in ``report_aggregation.py``. Results go to ``aggregation.json`` (one
+section per preset), ``aggregation.md`` (rendered from the JSON) and ``aggregation_<preset>_*.png``
+in a scratch folder (``--out``, default ``bench_results/`` under the working directory); only
+``--publish`` writes the committed ``docs/results/``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from _common import load_preset, machine_info, preset_names, roomiest_temp_dir, 
 from aggregation_cases import Preset, ensure_inputs, input_dirs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = REPO_ROOT / "docs" / "results"
 
 
 def run_case(spec: dict, isolation: str) -> dict:
@@ -77,6 +80,10 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
     for n in preset.clients:
         mixed = input_dirs(root, preset, "mixed", n)
         equal = input_dirs(root, preset, "equal", n) if "fedavg" in strategies else None
+        for name in preset.streaming_strategies:  # streaming vs list on these shapes
+            for mode in ("list", "stream"):
+                case = {**common, "kind": "streaming", "strategy": name, "set": "mixed", "n": n}
+                cases.append({**case, "combination": mode, "mode": mode, "dirs": mixed})
         cases.append({**common, "kind": "io_floor", "set": "mixed", "n": n, "dirs": mixed})
         if equal:
             cases.append({**common, "kind": "io_floor", "set": "equal", "n": n, "dirs": equal})
@@ -91,6 +98,8 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
         cases.append(
             {
                 **common,
+                "oversample": 16,
+                "power_iterations": 2,
                 "kind": "dense_svd",
                 "set": "mixed",
                 "n": n,
@@ -112,7 +121,7 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
                         "repeats": 1 if combination == "svd" else preset.repeats,
                     }
                 )
-    return cases
+    return [c for c in cases if case_key(c) not in preset.skip]
 
 
 def case_key(spec: dict) -> str:
@@ -136,7 +145,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data-dir", type=Path, help="where inputs are generated and cached (default: roomiest temp dir)"
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where results are written (default: ./bench_results, a scratch folder; see --publish)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"write the committed results in {PUBLISHED} (default: the scratch folder of --out); "
+        "applies to --report-only too",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated inputs (and partial results)")
     parser.add_argument(
         "--resume", action="store_true", help="reuse case results saved by an interrupted run"
@@ -144,9 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="only re-render aggregation.md from aggregation.json (with the current notes)",
+        help="only re-render aggregation.md from aggregation.json (with the current notes), in the "
+        "--out folder (docs/results/ only with --publish)",
     )
     args = parser.parse_args(argv)
+    if args.publish and args.out is not None and args.out.resolve() != PUBLISHED.resolve():
+        parser.error("--publish writes docs/results/; do not combine it with another --out")
+    args.out = PUBLISHED if args.publish else (args.out or Path.cwd() / "bench_results")
     if args.report_only:
         report = json.loads((args.out / "aggregation.json").read_text())
         for run in report.get("presets", {}).values():
