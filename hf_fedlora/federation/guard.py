@@ -124,15 +124,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         return
-    if parent == 1 or os.getppid() != parent:  # the launcher died before we asked
+    if os.getppid() != parent:  # the launcher died while we asked (not `== 1`: it may be PID 1)
         raise Interrupted(signal.SIGTERM)
 
 
 def install_interrupt_handlers() -> None:
-    """SIGTERM raises :class:`Interrupted` (SIGINT keeps raising ``KeyboardInterrupt``); under
+    """SIGTERM raises :class:`Interrupted` (SIGINT keeps Python's ``KeyboardInterrupt``, and a signal
+    the process was started with ignored, e.g. SIGINT of a background job, stays ignored); under
     ``accelerate launch`` the launcher's death sends this process a SIGTERM."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # an ignored signal stays ignored
+        signal.signal(signal.SIGTERM, _raise_interrupted)
     if _launched_by_accelerate():
         _die_with_parent()
 
