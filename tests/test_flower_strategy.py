@@ -239,3 +239,13 @@ def test_invalid_arguments_are_refused() -> None:
         HeteroLoraStrategy(send_back="pad")
     with pytest.raises(ValueError, match="Unknown|unknown|valid"):
         HeteroLoraStrategy(aggregation="nope")
+
+
+def test_a_reported_rank_is_capped_by_the_smallest_layer(make_adapter) -> None:
+    """A rank remembered from a node's last reply never asks the next view for more than every layer holds."""
+    initial = _initial(make_adapter)
+    strategy = HeteroLoraStrategy()
+    strategy.client_ranks = {11: 10**7, 12: 4}
+    messages = {m.metadata.dst_node_id: m for m in _train_messages(strategy, initial)}
+    assert messages[11].content["config"][RANK_KEY] == 32  # the tiny BERT's layers are 32 x 32
+    assert messages[12].content["config"][RANK_KEY] == 4

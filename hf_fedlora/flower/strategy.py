@@ -23,6 +23,7 @@ merged is logged with its node and the field at fault, and left out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
@@ -160,7 +161,7 @@ class HeteroLoraStrategy(FedAvg):
         self.collector.on_reply = self.on_reply
         return super().start(self.collector, initial_arrays, num_rounds=num_rounds, timeout=timeout, **kwargs)
 
-    def _rank_for(self, node_id: int, server_round: int) -> int | None:
+    def _rank_for(self, node_id: int, server_round: int, largest_view: int) -> int | None:
         allocation = self.rank_allocation
         if isinstance(allocation, Mapping):
             rank = allocation.get(node_id)
@@ -168,7 +169,10 @@ class HeteroLoraStrategy(FedAvg):
             rank = allocation(node_id, server_round)
         else:
             rank = None
-        return rank if rank is not None else self.client_ranks.get(node_id)
+        if rank is not None:
+            return rank
+        reported = self.client_ranks.get(node_id)  # the rank of its last reply: at most its layers'
+        return None if reported is None else min(reported, largest_view)
 
     def _current_global(self, arrays: ArrayRecord, config: ConfigRecord) -> LoraAdapter:
         if self.global_adapter is None or arrays is not self._global_arrays:
@@ -190,8 +194,11 @@ class HeteroLoraStrategy(FedAvg):
         log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(node_ids), len(available))
         views: dict[int | None, tuple[ArrayRecord, ConfigRecord]] = {}
         messages = []
+        largest_view = min(
+            min(b[0], math.prod(a[1:])) for a, b in map(global_adapter.factor_shapes, global_adapter.modules)
+        )
         for node_id in node_ids:
-            rank = self._rank_for(node_id, server_round)
+            rank = self._rank_for(node_id, server_round, largest_view)
             if rank not in views:
                 view = (
                     global_adapter
