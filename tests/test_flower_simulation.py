@@ -1,7 +1,8 @@
 """A real Flower simulation (Ray backend): 4 clients of ranks 2/4/8/16, 2 rounds, tiny BERT.
 
 The clients save every reply they send; the final global adapter the server wrote must equal
-``aggregate_adapters()`` recomputed from those saved replies, round after round.
+``aggregate_adapters()`` recomputed from those saved replies, round after round (relative
+difference < 1e-5: the strategy folds each reply into a ``StreamingAggregator`` as it arrives).
 """
 
 from __future__ import annotations
@@ -91,11 +92,12 @@ def _server_app(out: Path, strategy: HeteroLoraStrategy) -> ServerApp:
     return app
 
 
-def _replies(out: Path, server_round: int) -> tuple[list[LoraAdapter], list[int], list[int]]:
+def _replies(
+    out: Path, server_round: int, nodes: list[int]
+) -> tuple[list[LoraAdapter], list[int], list[int]]:
+    """The replies the clients saved, in ``nodes`` order (the order the strategy folded them in)."""
     folder = out / "replies" / f"round-{server_round}"
-    nodes = sorted(
-        int(p.name) for p in folder.iterdir() if p.is_dir()
-    )  # the strategy aggregates in node order
+    assert sorted(nodes) == sorted(int(p.name) for p in folder.iterdir() if p.is_dir())
     meta = [json.loads((folder / f"{n}.json").read_text()) for n in nodes]
     return (
         [LoraAdapter.from_pretrained(folder / str(n)) for n in nodes],
@@ -138,13 +140,14 @@ def test_flower_simulation_heterogeneous_ranks_matches_aggregate_adapters(
     assert len(strategy.rounds) == NUM_ROUNDS and all(not r.rejected for r in strategy.rounds)
     previous = LoraAdapter.from_pretrained(tmp_path / "initial")
     for server_round in range(1, NUM_ROUNDS + 1):
-        replies, counts, ranks = _replies(tmp_path, server_round)
+        replies, counts, ranks = _replies(tmp_path, server_round, strategy.rounds[server_round - 1].node_ids)
         assert sorted(ranks) == list(CLIENT_RANKS)
         expected = aggregate_adapters(replies, strategy="replication", num_examples=counts, previous=previous)
         saved = LoraAdapter.from_pretrained(tmp_path / "rounds" / f"round-{server_round:04d}")
         assert set(saved.ranks.values()) == {16}
-        for key, tensor in expected.state_dict().items():
-            assert torch.equal(saved.state_dict()[key], tensor), (server_round, key)
+        for key, tensor in expected.state_dict().items():  # folded as they came: equal up to summation order
+            diff = (saved.state_dict()[key].double() - tensor.double()).norm() / tensor.double().norm()
+            assert diff < 1e-5, (server_round, key, float(diff))
         previous = saved
     final = strategy.global_adapter.state_dict()
     for key, tensor in previous.state_dict().items():
