@@ -147,6 +147,8 @@ def test_a_straggler_timeout_ends_the_round_soon_after_the_quorum(logged) -> Non
     replies, took = _collect(collector, [1, 2, 3], timeout=0.6)
     assert len(replies) == 1 and took >= 0.55
     missing = collector.take_missing()
-    assert sorted(missing) == [2, 3] and all("within the 1 s timeout" in why for why in missing.values()), missing
+    assert sorted(missing) == [2, 3] and all("within the 1 s timeout" in why for why in missing.values()), (
+        missing
+    )
     with pytest.raises(ValueError, match="straggler_timeout"):
         ReplyCollector(grid, straggler_timeout=-1)
