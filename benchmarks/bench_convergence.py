@@ -174,9 +174,11 @@ def run_order(preset: Preset) -> list[tuple[int, str]]:
     return order
 
 
-def _job(preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, threads: int | None) -> str:
+def _job(
+    preset: Preset, strategy: str, seed: int, workdir: Path, data_dir: Path, threads: int | None, prune: bool
+) -> str:
     """One run in a worker process of ``--jobs`` (started with :func:`set_threads`)."""
-    run_one(preset, strategy, seed, workdir, data_dir, _log, threads=threads)
+    run_one(preset, strategy, seed, workdir, data_dir, _log, threads=threads, prune=prune)
     return run_name(strategy, seed)
 
 
@@ -243,6 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--note", help="a line about this invocation to keep on the results page (e.g. what was interrupted)"
     )
     parser.add_argument("--max-minutes", type=float, help="start no new run after this many minutes")
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete a complete run's adapters, keeping its JSON (enough for the report and --resume)",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -316,7 +323,16 @@ def main(argv: list[str] | None = None) -> dict:
             if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
                 log("time budget reached; continue with --resume")
                 break
-            run_one(preset, strategy, seed, args.workdir, args.data_dir, log, threads=args.threads or None)
+            run_one(
+                preset,
+                strategy,
+                seed,
+                args.workdir,
+                args.data_dir,
+                log,
+                threads=args.threads or None,
+                prune=args.prune,
+            )
             write_report(preset, args.workdir, args.out, command, started, machine)
     report = write_report(
         preset, args.workdir, args.out, command, started, machine, report_only=args.report_only
@@ -343,7 +359,9 @@ def _run_parallel(
         max_workers=args.jobs, mp_context=context, initializer=set_threads, initargs=(args.threads,)
     ) as pool:
         pending = {
-            pool.submit(_job, preset, strategy, seed, args.workdir, args.data_dir, args.threads or None)
+            pool.submit(
+                _job, preset, strategy, seed, args.workdir, args.data_dir, args.threads or None, args.prune
+            )
             for seed, strategy in todo
         }
         failed = []

@@ -367,10 +367,13 @@ def run_one(
     data_dir: Path,
     log: Any,
     threads: int | None = None,
+    prune: bool = False,
 ) -> None:
     """Run (or resume, or extend) one (strategy, seed) run, then its diagnostic and final test.
 
-    Torch's thread count is the caller's: ``threads`` is only recorded with the rounds run."""
+    Torch's thread count is the caller's: ``threads`` is only recorded with the rounds run. ``prune``:
+    once complete, delete the run's adapters (client and global), keeping the JSON the report reads
+    (the measurements are cached per round): a few hundred KB per run to carry off a lent machine."""
     from hf_fedlora.federation import run_federation
 
     name, cell = run_name(strategy, seed), preset.for_label(strategy)
@@ -418,6 +421,10 @@ def run_one(
     final = final_test(cell, run_dir, data_dir, completed_rounds(run_dir))
     high_slots(cell, run_dir, completed_rounds(run_dir))
     meta["complete"] = True
+    if prune:
+        for folder in [run_dir / "clients", *run_dir.glob("round-*")]:
+            shutil.rmtree(folder, ignore_errors=True)
+        meta["pruned"] = True
     write_json(meta_path, meta)
     log(f"{name}: done; final test accuracy {final['accuracy']:.4f}, {len(diag)} diagnostic pairs")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,7 @@ class LocalTrainer:
         self.device = torch.device(device or "cpu")
         self._base = base.to(self.device)
         self.model: Any = None  # the PeftModel, created with the first adapter slot
+        self._eval_batches: dict[tuple, tuple[Any, list]] = {}  # tokenised once per split (predict)
 
     def lora_config(self, rank: int) -> Any:
         """The ``LoraConfig`` of a client of rank ``rank`` (PEFT task type :attr:`peft_task_type`)."""
@@ -309,12 +311,26 @@ class LocalTrainer:
         self.load(adapter)
         self.model.eval()
         out = []
-        for lo in range(0, len(split), batch_size):
-            batch = self._batch(split, range(lo, min(lo + batch_size, len(split))), max_length)
-            batch.pop("labels")
+        for batch in self._tokenised(split, batch_size, max_length):
             logits = self.model(**batch).logits
             out.append(logits.squeeze(-1) if self.is_regression else logits.argmax(-1))
         return torch.cat(out).cpu().numpy()
+
+    def _tokenised(self, split: TextSplit, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+        """``split``'s evaluation batches, tokenised on the first call and kept (on the device) for the
+        last few splits: a federation evaluates the same rows every round."""
+        key = (id(split), len(split), batch_size, max_length)
+        held = self._eval_batches.get(key)
+        if held is None or held[0]() is not split:
+            batches = []
+            for lo in range(0, len(split), batch_size):
+                batch = self._batch(split, range(lo, min(lo + batch_size, len(split))), max_length)
+                batch.pop("labels")
+                batches.append(batch)
+            while len(self._eval_batches) >= 4:
+                self._eval_batches.pop(next(iter(self._eval_batches)))
+            held = self._eval_batches[key] = (weakref.ref(split), batches)
+        return held[1]
 
     def evaluate(
         self, adapter: LoraAdapter, split: TextSplit, metric: Any, batch_size: int = 64, max_length: int = 128
