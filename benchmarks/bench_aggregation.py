@@ -40,6 +40,7 @@ from aggregation_cases import Preset, ensure_inputs, input_dirs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO_ROOT / "docs" / "results"
+PADDING_AND_FEDAVG = ("zero_padding", "replication", "hetlora", "fedavg")
 
 
 def run_case(spec: dict, isolation: str) -> dict:
@@ -121,7 +122,16 @@ def plan(preset: Preset, root: Path, strategies: list[str], with_peft: bool) -> 
                         "repeats": 1 if combination == "svd" else preset.repeats,
                     }
                 )
-    return [c for c in cases if case_key(c) not in preset.skip]
+    # what the targets need first (floors, padding rules, fedavg, the SVD comparison), for every client
+    # count, then the rest: a run cut short still has every ratio measured side by side
+    first = ("io_floor", "dense_svd")
+    critical = [
+        c
+        for c in cases
+        if c["kind"] in first or c.get("strategy") in PADDING_AND_FEDAVG and c["kind"] == "strategy"
+    ]
+    rest = [c for c in cases if c not in critical]
+    return [c for c in critical + rest if case_key(c) not in preset.skip]
 
 
 def case_key(spec: dict) -> str:

@@ -27,7 +27,7 @@ from .constants import __version__
 from .errors import AdapterError, InvalidWeightsError
 from .merging import cast_checked
 from .strategies import Strategy, get_strategy
-from .strategies._linalg import power_of_two_above
+from .strategies._linalg import power_of_two_unit
 from .strategies.base import normalise_weights
 
 _MODES = {
@@ -69,7 +69,7 @@ class _DenseSum:
         self.total: torch.Tensor | None = None
         self.first: torch.Tensor | None = None
         self.identical = keep_identical
-        self.unit = 1.0  # a power of two >= every weight added
+        self.unit = 1.0  # a power of two, at least half of every weight added
         self.weight = 0.0  # sum of the weights relative to the unit
 
     def add(self, value: torch.Tensor, weight: float) -> None:
@@ -78,8 +78,8 @@ class _DenseSum:
                 self.first = value
             elif not torch.equal(self.first, value):
                 self.identical, self.first = False, None
-        if weight > self.unit:  # exact rescaling: both units are powers of two
-            unit = power_of_two_above(weight)
+        unit = power_of_two_unit(weight)
+        if unit > self.unit:  # exact rescaling: both units are powers of two
             if self.total is not None:
                 self.total.mul_(self.unit / unit)
             self.weight *= self.unit / unit
@@ -201,6 +201,7 @@ class StreamingAggregator:
         self._mode: str | None = None
         self._calls = 0
         self._weights: list[float] = []
+        self._unit: float | None = None  # a power of two near the first weight: fold_in gets weight / unit
         self._clients: list[dict[str, Any]] = []
         self._dtypes: set[torch.dtype] = set()
         self._states: dict[str, Any] = {}
@@ -252,14 +253,21 @@ class StreamingAggregator:
             "num_examples": count,
             "sha256": adapter.sha256() if self.record_sha256 else None,
         }
+        unit = self._unit or power_of_two_unit(value)
+        relative = value / unit  # exact; the rules see weights near 1, whatever their scale
+        if not math.isfinite(relative) or relative <= 0:
+            raise InvalidWeightsError(
+                f"{label}: weight {value!r} is out of float range relative to the first accepted client's "
+                f"({self._weights[0]!r}); weights of one round must be within a factor 1e300 of each other."
+            )
         try:
-            self._fold_in(data, value)
+            self._fold_in(data, relative)
         except BaseException:
             self._closed = f"folding in {label} failed half-way; start a new StreamingAggregator"
             raise
         if self._first is None:
             self._first = LoraAdapter(adapter.config, _HeaderStore(adapter), label=label)
-        self._mode = mode
+        self._mode, self._unit = mode, unit
         self._weights.append(value)
         self._clients.append(record)
         self._dtypes.add(adapter.dtype)
@@ -314,8 +322,7 @@ class StreamingAggregator:
         self._closed = "`result()` was already called; start a new StreamingAggregator for the next round"
         first = self._first
         p = normalise_weights(self._weights)  # by the largest first: no overflow
-        largest = max(self._weights)
-        total = largest * math.fsum(w / largest for w in self._weights)  # inf only past float range
+        total = math.fsum(w / self._unit for w in self._weights)  # the weights fold_in was given
         out_dtype = self.dtype or (next(iter(self._dtypes)) if len(self._dtypes) == 1 else torch.float32)
         state: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}

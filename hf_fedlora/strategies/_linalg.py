@@ -8,15 +8,16 @@ import math
 import torch
 
 
-def power_of_two_above(weight: float) -> float:
-    """The smallest power of two ``>= weight`` of the form ``2**e`` (``weight`` finite, > 0)."""
-    return math.ldexp(1.0, math.frexp(weight)[1])
+def power_of_two_unit(weight: float) -> float:
+    """The power of two ``2**e`` with ``2**e <= weight < 2**(e+1)`` (``weight`` finite, > 0): a unit
+    that keeps ``weight / unit`` in ``[1, 2)`` and that exists even for the largest floats."""
+    return math.ldexp(1.0, math.frexp(weight)[1] - 1)
 
 
 class PaddedSums:
     """``sum_k w_k pad(A'_k)`` and ``sum_k w_k pad(B'_k)`` over the clients folded in so far, each
     slot's owner weight ``sum_{k: r_k > i} w_k`` and the total weight, all kept relative to a power
-    of two at least as large as every weight seen (1 for weights up to 1, as ``aggregate_adapters``
+    of two no smaller than half of every weight seen (1 for weights up to 1, as ``aggregate_adapters``
     passes them): weights of 1e308 or example counts past float range cannot overflow the sums, and
     since the unit is a power of two, rescaling (when a larger weight arrives) is exact.
 
@@ -28,7 +29,7 @@ class PaddedSums:
         self.target_rank = target_rank
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
-        self.unit = 1.0  # a power of two >= every weight folded in: stored weights are relative to it
+        self.unit = 1.0  # a power of two, at least half of every weight: stored weights are relative to it
         self.total = 0.0  # sum of the relative weights folded in
         self._weight_by_rank: dict[int, float] = {}  # relative weight of the clients with r_k = rank (cut)
 
@@ -62,8 +63,8 @@ class PaddedSums:
         r = self.reserve(a, b)
         if weight <= 0:
             return
-        if weight > self.unit:  # a new largest weight: the stored sums become relative to it
-            unit = power_of_two_above(weight)
+        unit = power_of_two_unit(weight)
+        if unit > self.unit:  # a larger weight: the stored sums become relative to a larger unit
             ratio = self.unit / unit
             self.a.mul_(ratio)  # exact: a power of two
             self.b.mul_(ratio)
