@@ -145,6 +145,9 @@ def case_io_floor(spec: dict) -> dict:
     from hf_fedlora import LoraAdapter
 
     torch.set_num_threads(1)  # as the strategy cases
+    warnings.filterwarnings(
+        "ignore", message="The given buffer is not writable"
+    )  # read-only bytes: fine here
     files = [os.path.join(d, "adapter_model.safetensors") for d in spec["dirs"]]
     adapters = [LoraAdapter.from_pretrained(d) for d in spec["dirs"]]  # opened lazily: nothing read yet
 
@@ -159,15 +162,16 @@ def case_io_floor(spec: dict) -> dict:
         from it (``frombuffer``: no further copy): the floor of a merge that records provenance."""
         for f in files:
             with open(f, "rb", buffering=0) as handle:
-                buffer = bytearray(os.fstat(handle.fileno()).st_size)
-                handle.readinto(buffer)
+                buffer = handle.read()  # one read into memory that is not zeroed first
             hashlib.sha256(buffer).hexdigest()
             (length,) = struct.unpack("<Q", buffer[:8])
             header = json.loads(buffer[8 : 8 + length])
             header.pop("__metadata__", None)
             for info in header.values():
                 start, end = (8 + length + o for o in info["data_offsets"])
-                torch.frombuffer(buffer, dtype=torch.bfloat16, count=(end - start) // 2, offset=start)
+                torch.frombuffer(
+                    memoryview(buffer), dtype=torch.bfloat16, count=(end - start) // 2, offset=start
+                )
 
     # get_tensor may return a view of the mapped file; clone() makes it an actual read into memory.
     variants = {

@@ -137,7 +137,8 @@ class StreamingAggregator:
     The result equals ``aggregate_adapters(sources, strategy, weights=..., num_examples=...)`` on the
     accepted clients (up to float32 summation order). A source is read once, in ``add``, and not
     kept. Every ``add`` checks its client as ``aggregate_adapters`` does (readable, finite,
-    compatible with ``previous`` when given, else with the first accepted client; equal ranks for
+    compatible with ``previous`` and ``reference`` when given, and with the first accepted client,
+    which without either is the round's only reference: pass one when clients may be hostile; equal ranks for
     ``fedavg``) and raises the same errors, naming it ``client i (source)`` with ``i`` counting
     every ``add`` call; a refused client leaves the running state unchanged, so the round can go on
     without it.
@@ -156,8 +157,10 @@ class StreamingAggregator:
 
     Args:
         strategy: a registered name or a ``Strategy`` (default ``"replication"``).
-        target_rank, previous, dtype, token, cache_dir, allow_pickle, check_base_model: as for
-            :func:`~hf_fedlora.aggregate_adapters`; ``previous`` is opened here and read in ``result()``.
+        target_rank, previous, reference, dtype, token, cache_dir, allow_pickle, check_base_model,
+            record_sha256: as for :func:`~hf_fedlora.aggregate_adapters`; ``previous`` and
+            ``reference`` are opened here, ``previous`` is read in ``result()``; the global config is
+            the previous adapter's, else the reference's, else the first accepted client's.
 
     Raises:
         AdapterError: an invalid ``target_rank`` (or any, for a rule whose rank grows with the
