@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="only re-render aggregation.md from aggregation.json (with the current notes), in the "
+        help="only re-render aggregation.md from aggregation.json (current notes and summaries), in the "
         "--out folder (docs/results/ only with --publish)",
     )
     args = parser.parse_args(argv)
@@ -182,9 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
     args.out = PUBLISHED if args.publish else (args.out or Path.cwd() / "bench_results")
     if args.report_only:
         report = json.loads((args.out / "aggregation.json").read_text())
-        for run in report.get("presets", {}).values():
+        for run in report.get("presets", {}).values():  # summaries recomputed from the measured cases
             streaming = run["preset"].get("kind") == "streaming"
             run["notes"] = report_aggregation.STREAMING_NOTES if streaming else report_aggregation.NOTES
+            if streaming:
+                run["summary"] = report_aggregation.summarize_streaming(run["cases"])
+            else:
+                run["summary"] = report_aggregation.summarize_run(run["preset"], run["cases"])
         report_aggregation.write_pages(args.out, report)
         return report
 
