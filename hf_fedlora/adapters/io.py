@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy
 import torch
 from safetensors import safe_open
 
@@ -144,11 +145,11 @@ class SafetensorsStore:
 
     def _read(self, keys: list[str], first: int, last: int) -> list[torch.Tensor]:
         where = f"{self._where}, file '{self.path.name}': tensor `{keys[0]}`"
-        buffer = bytearray(last - first)
+        buffer = numpy.empty(last - first, dtype=numpy.uint8)  # filled by the read: not zeroed first
         try:
             fd = self._held if self._held is not None else open_regular(self.path, self._where)
             try:
-                got = os.preadv(fd, [buffer], self._data_start + first) if buffer else 0
+                got = os.preadv(fd, [buffer], self._data_start + first) if len(buffer) else 0
             finally:
                 if fd != self._held:
                     os.close(fd)
@@ -167,8 +168,8 @@ class SafetensorsStore:
             if end == start:
                 out.append(torch.empty(shape, dtype=dtype))
             else:
-                view = memoryview(buffer)[start - first : end - first]
-                out.append(torch.frombuffer(view, dtype=dtype).reshape(shape))
+                view = buffer[start - first : end - first]
+                out.append(torch.frombuffer(memoryview(view), dtype=dtype).reshape(shape))
         return out
 
     @contextlib.contextmanager
@@ -210,7 +211,7 @@ class FileSha256:
         self._done = 0
         self._in_order = True
 
-    def feed(self, offset: int, data: bytes | bytearray) -> None:
+    def feed(self, offset: int, data: bytes | bytearray | numpy.ndarray) -> None:
         if not self._in_order or offset < self._done:
             self._in_order = False
             return
