@@ -228,6 +228,7 @@ def render_markdown(report: dict) -> str:
             "",
             "**Caveats.** " + " ".join(run["notes"]),
             "",
+            *(["**This run.** " + " ".join(run["run_notes"]), ""] if run.get("run_notes") else []),
         ]
         out += [
             "### Wall time, memory, bytes read",
