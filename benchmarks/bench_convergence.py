@@ -111,6 +111,7 @@ def write_report(
         "name": preset.name,
         "strategies": preset.labels(),
         "base_strategies": list(preset.strategies),
+        "cells": preset.cells,
         "seeds": list(preset.seeds),
         "rounds": preset.rounds,
         "targets": list(preset.targets),

@@ -170,7 +170,7 @@ def subset_summary(sibling: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": p["name"],
         "settings": {
-            k: p[k]
+            k: p.get(k)
             for k in ("rounds", "seeds", "eval_samples", "final_eval_samples", "diagnostic_samples", "cells")
         },
         "strategies": {
@@ -215,4 +215,4 @@ def subset_section(report: dict[str, Any]) -> list[str]:
         for k, v in sub["strategies"].items()
     ]
     lines.append(markdown_table(["strategy@cell", "seeds", "AUC %", "final %"], rows))
-    return lines + paired_section({"summary": {"paired": sub["paired"]}})
+    return lines + paired_section({"summary": {"paired": sub["paired"]}}) + [""]
