@@ -15,7 +15,7 @@ from .adapters.reference import check_against, majority_reference
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
 from .constants import __version__
-from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError
+from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError, RankMismatchError
 from .merging import merge_modules
 from .strategies import Strategy, get_strategy
 
@@ -76,6 +76,25 @@ def check_target_rank(target_rank: object) -> None:
         isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1
     ):
         raise AdapterError(f"`target_rank` must be a positive integer, got {target_rank!r}.")
+
+
+def check_target_rank_fits(target_rank: int | None, adapter: LoraAdapter) -> None:
+    """Refuse a ``target_rank`` larger than one of the adapter's layers before anything is allocated.
+
+    A rank above ``min(out, in)`` is no low-rank update; merging at 10**7 would first allocate
+    gigabytes per module only to fail at the end (``RankMismatchError``, naming the module).
+    """
+    if target_rank is None:
+        return
+    for module in adapter.modules:
+        a_shape, b_shape = adapter.factor_shapes(module)
+        in_features = int(torch.Size(a_shape[1:]).numel())
+        if target_rank > min(b_shape[0], in_features):
+            raise RankMismatchError(
+                f"`target_rank={target_rank}` is larger than module `{module}` itself "
+                f"({b_shape[0]} x {in_features}, checked on {adapter.label}); a merged adapter cannot "
+                "hold more rank than its smallest layer."
+            )
 
 
 def _output_dtype(adapters: Sequence[LoraAdapter], dtype: torch.dtype | None) -> torch.dtype:
@@ -244,6 +263,7 @@ def aggregate_adapters(
     ref, ref_where = resolve_reference(reference, **load)
     template = choose_reference(adapters, prior, ref, ref_where, check_base_model)
     check_ranks(adapters, strategy)
+    check_target_rank_fits(target_rank, adapters[0])
     p = resolve_weights(adapters, weights, num_examples)
 
     if record_sha256:

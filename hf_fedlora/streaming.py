@@ -22,7 +22,14 @@ from .adapters.keys import bias_key, magnitude_key
 from .adapters.reference import check_against
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
-from .aggregation import ReferenceSource, check_ranks, check_target_rank, check_weight, resolve_reference
+from .aggregation import (
+    ReferenceSource,
+    check_ranks,
+    check_target_rank,
+    check_target_rank_fits,
+    check_weight,
+    resolve_reference,
+)
 from .constants import __version__
 from .errors import AdapterError, InvalidWeightsError
 from .merging import cast_checked
@@ -244,6 +251,7 @@ class StreamingAggregator:
         if self._first is not None:  # the first accepted client passed the checks above too
             check_against(self._first, self._first.label, [adapter], self.check_base_model)
             check_ranks([self._first, adapter], self.strategy)
+        check_target_rank_fits(self.target_rank, adapter)
         value, count, mode = self._client_weight(adapter, weight, num_examples)
         # read every tensor once and check every value before the running state changes
         if self.record_sha256:

@@ -19,6 +19,7 @@ from hf_fedlora import (
     IncompatibleAdaptersError,
     LoraAdapter,
     NonFiniteTensorError,
+    RankMismatchError,
     StreamingAggregator,
     aggregate_adapters,
     list_strategies,
@@ -231,3 +232,21 @@ def test_the_global_config_is_the_references_not_client_0s():
     odd.config.lora_dropout = 0.77
     merged = aggregate_adapters([odd, *honest], "replication", previous=previous)
     assert merged.config.lora_dropout == previous.config.lora_dropout != 0.77
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_target_rank_larger_than_the_layers_is_refused_before_merging(strategy):
+    clients = [lora(4 if strategy == "fedavg" else 2, 0), lora(4, 1)]
+    with pytest.raises(RankMismatchError, match=r"`target_rank=10000000` is larger than module .* \(16 x 16"):
+        aggregate_adapters(clients, strategy, target_rank=10**7)
+    if strategy != "stacking":  # stacking refuses any target_rank when constructed
+        stream = StreamingAggregator(strategy, target_rank=10**7)
+        with pytest.raises(RankMismatchError, match="`target_rank=10000000`"):
+            stream.add(clients[0])
+        assert stream.num_clients == 0
+    assert (
+        aggregate_adapters(
+            clients, strategy if strategy != "stacking" else "flexlora", target_rank=16
+        ).max_rank
+        == 16
+    )
