@@ -27,7 +27,7 @@ from hf_fedlora import (
 
 BASE = "base/model"
 DIM = 16
-STRATEGIES = [s for s in list_strategies() if s != "raflora"]  # raflora is another agent's rule
+STRATEGIES = list_strategies()
 
 
 def lora(
