@@ -70,3 +70,13 @@ def test_a_revived_client_trains_the_dead_slots_again(trainer) -> None:
         assert not a[3:].any() and not b[:, 3:].any()  # A = B = 0 has no gradient
         a, b = alive.lora_factors(module)
         assert a[3:].any() and b[:, 3:].any()
+
+
+def test_to_rank_passes_revive_zero_slots_through(trainer) -> None:
+    dead = _with_dead_slots(trainer)
+    direct = rank_view(dead, 6, 8.0, revive_zero_slots=True, seed=3).state_dict()
+    method = dead.to_rank(6, lora_alpha=8.0, revive_zero_slots=True, seed=3).state_dict()
+    plain = dead.to_rank(6, lora_alpha=8.0, seed=3).state_dict()
+    assert direct.keys() == method.keys()
+    assert all(torch.equal(direct[k], method[k]) for k in direct)
+    assert any(not torch.equal(plain[k], method[k]) for k in plain)  # the dead slots were revived

@@ -344,6 +344,7 @@ class LoraAdapter:
         use_rslora: bool = False,
         method: SendBackMethod = "truncate",
         seed: int = 0,
+        revive_zero_slots: bool = False,
     ) -> LoraAdapter:
         """The view of this adapter a client of rank ``rank`` trains from (every module at ``rank``).
 
@@ -360,6 +361,9 @@ class LoraAdapter:
             method: ``"truncate"`` keeps the first ``rank`` slots (for the padding strategies, whose
                 slots are ordered); ``"svd"`` keeps the best rank-``rank`` approximation of each update.
             seed: seed for the initialisation of padded slots.
+            revive_zero_slots: also give PEFT's initialisation to slots whose A row and B column are
+                both exactly zero (what zero-padding leaves once a round has no client of that rank,
+                and no client could train again); the update is unchanged.
 
         Returns a new in-memory ``LoraAdapter`` with ``r=rank`` and the client's alpha.
 
@@ -367,7 +371,15 @@ class LoraAdapter:
             AdapterError: ``rank`` is not a positive integer or exceeds a layer (``RankMismatchError``),
                 ``method`` is not a ``SendBackMethod``, or the view overflows its dtype.
         """
-        return rank_view(self, rank, lora_alpha, use_rslora=use_rslora, method=method, seed=seed)
+        return rank_view(
+            self,
+            rank,
+            lora_alpha,
+            use_rslora=use_rslora,
+            method=method,
+            seed=seed,
+            revive_zero_slots=revive_zero_slots,
+        )
 
     def push_to_hub(
         self,
