@@ -138,6 +138,23 @@ def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, module: str, key: str
     return out
 
 
+def store_module(
+    state: dict[str, torch.Tensor],
+    layout: LoraAdapter,
+    module: str,
+    factors: Factors,
+    out_dtype: torch.dtype,
+) -> int:
+    """Put a merged module's folded ``(A, B)`` into ``state`` under PEFT's keys, in the layer's
+    own shape (convolutions keep their kernel dimensions) and ``out_dtype`` (checked); its rank."""
+    a, b = factors
+    a_shape, b_shape = layout.factor_shapes(module)
+    a_key, b_key = layout.layout.factor_keys(module)
+    state[a_key] = cast_checked(a.reshape(a.shape[0], *a_shape[1:]), out_dtype, module, a_key)
+    state[b_key] = cast_checked(b.reshape(b.shape[0], a.shape[0], *b_shape[2:]), out_dtype, module, b_key)
+    return a.shape[0]
+
+
 def dense_terms(
     adapters: Sequence[LoraAdapter], module: str, p: torch.Tensor, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -195,15 +212,9 @@ def merge_modules(
             del raw
             if not check and not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
                 _name_non_finite_input(adapters, module)  # every input is finite: the sum overflowed
-            a_shape, b_shape = layout.factor_shapes(module)
-            a_key, b_key = layout.layout.factor_keys(module)
-            ranks[module] = a.shape[0]
-            state[a_key] = cast_checked(a.reshape(a.shape[0], *a_shape[1:]), out_dtype, module, a_key)
-            state[b_key] = cast_checked(
-                b.reshape(b.shape[0], a.shape[0], *b_shape[2:]), out_dtype, module, b_key
-            )
+            ranks[module] = store_module(state, layout, module, (a, b), out_dtype)
             state.update(dense_terms(adapters, module, p, out_dtype))
     return state, ranks
 
 
-__all__ = ["cast_checked", "dense_terms", "merge_modules"]
+__all__ = ["cast_checked", "dense_terms", "merge_modules", "store_module"]

@@ -32,7 +32,7 @@ from .aggregation import (
 )
 from .constants import __version__
 from .errors import AdapterError, InvalidWeightsError
-from .merging import cast_checked
+from .merging import cast_checked, store_module
 from .strategies import Strategy, get_strategy
 from .strategies._linalg import power_of_two_unit
 from .strategies.base import normalise_weights
@@ -339,14 +339,8 @@ class StreamingAggregator:
         ranks: dict[str, int] = {}
         for module in first.modules:
             previous = self._prior.folded_factors(module) if self._prior is not None else None
-            a, b = self.strategy.finish(self._states.pop(module), total, previous)
-            a_shape, b_shape = first.factor_shapes(module)
-            a_key, b_key = first.layout.factor_keys(module)
-            ranks[module] = a.shape[0]
-            state[a_key] = cast_checked(a.reshape(a.shape[0], *a_shape[1:]), out_dtype, module, a_key)
-            state[b_key] = cast_checked(
-                b.reshape(b.shape[0], a.shape[0], *b_shape[2:]), out_dtype, module, b_key
-            )
+            merged = self.strategy.finish(self._states.pop(module), total, previous)
+            ranks[module] = store_module(state, first, module, merged, out_dtype)
             for key in (bias_key(module), magnitude_key(module)):
                 if key in self._dense:
                     state[key] = cast_checked(self._dense.pop(key).mean(), out_dtype, module, key)

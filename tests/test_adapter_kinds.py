@@ -136,6 +136,15 @@ def reference_delta(strategy: str, factors: list[tuple[torch.Tensor, torch.Tenso
                 a_out[i] += p / total * a[i]
                 b_out[:, i] += p / total * b[:, i]
         return b_out @ a_out
+    if strategy == "raflora":  # each rank partition averaged over its owners, summed, truncated
+        total, lo = 0, 0
+        for hi in sorted({a.shape[0] for a, _ in factors}):
+            owners = [(p, a, b) for p, (a, b) in zip(P, factors) if a.shape[0] >= hi]
+            mass = sum(p for p, _, _ in owners)
+            total = total + sum(p / mass * b[:, lo:hi] @ a[lo:hi] for p, a, b in owners)
+            lo = hi
+        u, s, vh = torch.linalg.svd(total)
+        return u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
     raise NotImplementedError(f"no reference for {strategy!r}: add one here")
 
 
