@@ -34,6 +34,14 @@ from testing_utils import (
 from hf_fedlora import LoraAdapter
 from hf_fedlora.federation.guard import LOCK_NAME, OutputDirLock, RunLockedError
 
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A job started in the background by a
+    non-interactive shell (as CI may run pytest) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the launcher would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 ROUNDS_NEVER_REACHED = 100_000
 """The interrupt tests' run length: a loaded machine must not let the run end by itself first."""
 
@@ -113,7 +121,13 @@ def test_an_interrupt_stops_the_run_cleanly(
             *argv,
         ]
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=REPO_ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
     )
     try:
         _wait_for(lambda: (out / "round-0001").is_dir() and _holder_pid(out), process)
