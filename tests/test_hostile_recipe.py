@@ -36,10 +36,12 @@ from hf_fedlora.federation.guard import LOCK_NAME, OutputDirLock, RunLockedError
 
 
 def _default_sigint() -> None:
-    """In the child before exec: SIGINT back to its default. A job started in the background by a
-    non-interactive shell (as CI may run pytest) inherits SIGINT ignored, and Python then installs no
-    KeyboardInterrupt handler, so the launcher would never see the Ctrl-C this test sends."""
+    """In the child before exec: SIGINT back to its default disposition and unblocked. A child
+    inherits an ignored SIGINT (a background job of a non-interactive shell) and a blocked one (a
+    thread mask left by what ran earlier in this pytest process, e.g. Ray's core worker in the Flower
+    simulation test); either way the launcher would never see the Ctrl-C this test sends."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 ROUNDS_NEVER_REACHED = 100_000
