@@ -239,10 +239,14 @@ def roomiest_temp_dir(candidates: Iterable[str | os.PathLike] | None = None) -> 
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Indented JSON with a trailing newline (parent folders created)."""
+    """Indented JSON with a trailing newline (parent folders created), written to a temporary file
+    and renamed: a report written while parallel runs update their files never reads a half-written
+    (or empty) one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
