@@ -44,14 +44,17 @@ class _Scratch:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def fold(self, which: str, raw: torch.Tensor, shape: tuple[int, int], root: float) -> torch.Tensor:
+    def float32(self, which: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """``raw`` converted into the buffer: a float32 ``shape`` matrix the caller may modify."""
         numel = shape[0] * shape[1]
         buffer = self._buffers.get(which)
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[which] = torch.empty(numel, dtype=torch.float32)
-        out = buffer[:numel].view(shape)
-        out.copy_(raw.reshape(shape))
-        return out.mul_(root)  # as adapters.scaling.fold: the same two float32 operations
+        return buffer[:numel].view(shape).copy_(raw.reshape(shape))
+
+    def fold(self, which: str, raw: torch.Tensor, shape: tuple[int, int], root: float) -> torch.Tensor:
+        # as adapters.scaling.fold: the same float32 product
+        return self.float32(which, raw, shape).mul_(root)
 
 
 def _read(adapters: Sequence[LoraAdapter], module: str, check: bool) -> list[Factors]:
@@ -71,6 +74,12 @@ def _fold_checked(adapter: LoraAdapter, module: str, raw: Factors, fold, check: 
     return a, b
 
 
+def _is_incremental(strategy: Strategy) -> bool:
+    """Whether the module loop folds clients in one by one (a rule of running sums) rather than
+    handing ``aggregate_module`` every client's factors at once."""
+    return not strategy.retains_inputs and type(strategy).aggregate_module is Strategy.aggregate_module
+
+
 def _fresh_fold(which: str, raw: torch.Tensor, shape: tuple[int, int], root: float) -> torch.Tensor:
     return raw.reshape(shape).to(torch.float32, copy=True).mul_(root)
 
@@ -86,8 +95,7 @@ def _merge_module(
     check: bool,
     scratch: _Scratch,
 ) -> Factors:
-    incremental = not strategy.retains_inputs and type(strategy).aggregate_module is Strategy.aggregate_module
-    if not incremental:
+    if not _is_incremental(strategy):
         folded = [_fold_checked(a, module, r, _fresh_fold, check) for a, r in zip(adapters, raw)]
         inputs = ModuleInputs(
             name=module,
@@ -108,9 +116,15 @@ def _merge_module(
     order = sorted(range(len(adapters)), key=lambda k: -raw[k][0].shape[0])
     weights = p.tolist()
     for adapter, factors, weight in ((adapters[k], raw[k], weights[k]) for k in order):
-        a, b = _fold_checked(adapter, module, factors, scratch.fold, check)
         try:
-            strategy.fold_in(state, a, b, weight)
+            if check:
+                a, b = _fold_checked(adapter, module, factors, scratch.fold, check)
+                strategy.fold_in(state, a, b, weight)
+            else:  # the scale is folded into the rule's add (an overflow shows in the merged module)
+                a_raw, b_raw = factors
+                a = scratch.float32("a", a_raw, (a_raw.shape[0], a_raw[0].numel()))
+                b = scratch.float32("b", b_raw, (b_raw.shape[0], b_raw.shape[1]))
+                strategy.fold_in_scaled(state, a, b, weight, math.sqrt(adapter.scale(module)))
         except (AdapterError, RuntimeError) as exc:
             if not check:
                 _name_non_finite_input([adapter], module)

@@ -171,3 +171,35 @@ def test_same_inputs_give_the_same_bytes(strategy, clients, tmp_path) -> None:
 def test_a_rule_for_equal_ranks_refuses_heterogeneous_clients(name, client_sets) -> None:
     with pytest.raises(IncompatibleAdaptersError, match=f"strategy '{name}' needs equal ranks"):
         aggregate_adapters(client_sets["heterogeneous"], name)
+
+
+def test_fold_in_scaled_is_fold_in_of_the_scaled_factors(strategy) -> None:
+    """The module loop hands running-sum rules unscaled float32 factors and ``sqrt(s)``; what they
+    fold in must be the folded factors' contribution, whatever the rule does with the root."""
+    if not strategy.implements_rule() or strategy.retains_inputs:
+        pytest.skip("the loop calls fold_in_scaled only for rules of running sums")
+    gen = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(r, 12, generator=gen), torch.randn(10, r, generator=gen)) for r in (4, 4, 2)]
+    roots, weights = [0.5, 3.0, 1.7], [1.0, 2.0, 0.5]
+    if not strategy.supports_heterogeneous_ranks:
+        clients = clients[:2]
+    folded, scaled = strategy.start("m", None), strategy.start("m", None)
+    for (a, b), root, weight in zip(clients, roots, weights):
+        strategy.fold_in(folded, a * root, b * root, weight)
+        strategy.fold_in_scaled(scaled, a.clone(), b.clone(), weight, root)
+    total = sum(weights[: len(clients)])
+    for want, got in zip(strategy.finish(folded, total), strategy.finish(scaled, total)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_in_memory_clients_are_not_modified(strategy, clients) -> None:
+    adapters = [LoraAdapter.from_pretrained(c) for c in clients]
+    states = [{k: v.clone() for k, v in a.state_dict().items()} for a in adapters]
+    memory = [
+        LoraAdapter.from_state_dict(a.config, s, label=f"c{i}")
+        for i, (a, s) in enumerate(zip(adapters, states))
+    ]
+    aggregate_adapters(memory, strategy.name, weights=WEIGHTS)
+    for adapter, state in zip(adapters, states):
+        for key, value in adapter.state_dict().items():
+            assert torch.equal(state[key], value), key

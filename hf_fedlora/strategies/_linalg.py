@@ -57,9 +57,10 @@ class PaddedSums:
             out[:r] += weight
         return out
 
-    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        """Fold ``weight * pad(a)``, ``weight * pad(b)`` in (``weight`` finite, >= 0; a zero weight
-        only reserves the rank)."""
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float, root: float = 1.0) -> None:
+        """Fold ``weight * pad(root * a)``, ``weight * pad(root * b)`` in (``weight`` finite, >= 0; a
+        zero weight only reserves the rank; ``root`` is the factors' scale, counted in the sums but not
+        in the slot weights)."""
         r = self.reserve(a, b)
         if weight <= 0:
             return
@@ -72,8 +73,8 @@ class PaddedSums:
             self._weight_by_rank = {k: v * ratio for k, v in self._weight_by_rank.items()}
             self.unit = unit
         relative = weight / self.unit
-        self.a[:r].add_(a[:r], alpha=relative)
-        self.b[:, :r].add_(b[:, :r], alpha=relative)
+        self.a[:r].add_(a[:r], alpha=relative * root)
+        self.b[:, :r].add_(b[:, :r], alpha=relative * root)
         self._weight_by_rank[r] = self._weight_by_rank.get(r, 0.0) + relative
         self.total += relative
 

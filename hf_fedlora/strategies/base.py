@@ -157,6 +157,15 @@ class Strategy(ABC):
         state.b.append(b)
         state.weights.append(weight)
 
+    def fold_in_scaled(
+        self, state: Any, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
+    ) -> None:
+        """:meth:`fold_in` of the folded factors ``root * a`` and ``root * b`` (``root = sqrt(s)``),
+        for callers that hand over float32 factors not yet multiplied by it (``a`` and ``b`` are
+        theirs to modify). The default multiplies them in place; rules that only add the factors into
+        sums override it to fold ``root`` into the weight of their add: one pass fewer over every input."""
+        self.fold_in(state, a.mul_(root), b.mul_(root), weight)
+
     def finish(
         self,
         state: Any,

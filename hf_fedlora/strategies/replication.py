@@ -37,6 +37,11 @@ class ReplicationStrategy(Strategy):
     def fold_in(self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
         state.add(a, b, weight)
 
+    def fold_in_scaled(
+        self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
+    ) -> None:
+        state.add(a, b, weight, root)
+
     def finish(
         self,
         state: PaddedSums,
