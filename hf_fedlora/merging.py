@@ -224,9 +224,12 @@ def merge_modules(
             previous = prior.folded_factors(module) if prior is not None else None
             a, b = _merge_module(adapters, module, raw, strategy, p, target_rank, previous, check, scratch)
             del raw
-            if not check and not (torch.isfinite(a.sum()) and torch.isfinite(b.sum())):
-                _name_non_finite_input(adapters, module)  # every input is finite: the sum overflowed
-            ranks[module] = store_module(state, layout, module, (a, b), out_dtype)
+            try:  # the one finiteness check of a module whose inputs were not checked one by one
+                ranks[module] = store_module(state, layout, module, (a, b), out_dtype)
+            except NonFiniteTensorError:
+                if not check:
+                    _name_non_finite_input(adapters, module)  # else every input is finite: the sum overflowed
+                raise
             state.update(dense_terms(adapters, module, p, out_dtype))
     return state, ranks
 
