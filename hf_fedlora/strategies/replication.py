@@ -12,12 +12,12 @@ import torch
 
 from ..linalg import pad_cols, pad_rows
 from ._linalg import PaddedSums
-from .base import Strategy
+from .padding import PaddedSumsStrategy
 from .registry import register_strategy
 
 
 @register_strategy
-class ReplicationStrategy(Strategy):
+class ReplicationStrategy(PaddedSumsStrategy):
     """Slot i of the result is ``sum_{k: r_k > i} p_k a_{k,i} / sum_{k: r_k > i} p_k``.
 
     The output rank is ``target_rank`` if given, else the largest of the clients' ranks and the
@@ -28,19 +28,6 @@ class ReplicationStrategy(Strategy):
 
     name = "replication"
     paper = "Byun & Lee, Towards Federated Low-Rank Adaptation of Language Models with Rank Heterogeneity (NAACL 2025)"
-    propagates_non_finite = True
-    retains_inputs = False
-
-    def start(self, name: str, target_rank: int | None) -> PaddedSums:
-        return PaddedSums(target_rank)
-
-    def fold_in(self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        state.add(a, b, weight)
-
-    def fold_in_scaled(
-        self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
-    ) -> None:
-        state.add(a, b, weight, root)
 
     def finish(
         self,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from ._linalg import PaddedSums
-from .base import Strategy
+from .padding import PaddedSumsStrategy
 from .registry import register_strategy
 
 
 @register_strategy
-class ZeroPaddingStrategy(Strategy):
+class ZeroPaddingStrategy(PaddedSumsStrategy):
     """``A = sum_k p_k pad(A'_k)``, ``B = sum_k p_k pad(B'_k)`` at rank ``target_rank`` or ``max r_k``.
 
     Incremental: running weighted sums (memory: the output), normalised by the total weight at the end
@@ -24,19 +24,6 @@ class ZeroPaddingStrategy(Strategy):
 
     name = "zero_padding"
     paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning (2024), as the zero-padding baseline"
-    propagates_non_finite = True
-    retains_inputs = False
-
-    def start(self, name: str, target_rank: int | None) -> PaddedSums:
-        return PaddedSums(target_rank)
-
-    def fold_in(self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        state.add(a, b, weight)
-
-    def fold_in_scaled(
-        self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
-    ) -> None:
-        state.add(a, b, weight, root)
 
     def finish(
         self, state: PaddedSums, total_weight: float, previous=None
