@@ -16,8 +16,8 @@ from typing import Any
 
 from .adapters import AdapterSource, LoraAdapter, resolve_adapter
 from .adapters.keys import bias_key
+from .adapters.reference import check_against
 from .adapters.sources import describe_source
-from .adapters.validate import check_compatible
 from .errors import AdapterError, NonFiniteTensorError
 from .linalg import squared_update_norm
 
@@ -132,7 +132,7 @@ def screen_clients(
             adapter = resolve_adapter(source, label, **load_kwargs)
             first = ref if ref is not None else next(iter(readable.values()), None)
             if first is not None:
-                check_compatible([first, adapter], check_base_model=check_base_model)
+                check_against(first, first.label, [adapter], check_base_model)
             for key in adapter.extras:
                 adapter.extra(key)  # raises on NaN/Inf
             norm = adapter_update_norm(adapter)

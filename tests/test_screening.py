@@ -39,6 +39,21 @@ def test_incompatible_client_is_dropped(tmp_path):
     assert len(accepted) == 1 and "IncompatibleAdaptersError" in verdicts[1].reason
 
 
+def test_client_whose_config_targets_other_layers_is_dropped(tmp_path):
+    """Same tensors, but a config that tells PEFT to adapt other layers: loading the global adapter
+    would follow whichever config wins, so screening refuses it as aggregation does."""
+    import json
+
+    good = write_peft_adapter(tmp_path / "good", 4, 8, seed=1)
+    odd = write_peft_adapter(tmp_path / "odd", 4, 8, seed=2)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    config["layers_to_transform"] = [0]
+    (odd / "adapter_config.json").write_text(json.dumps(config))
+    accepted, verdicts = screen_clients([good, odd])
+    assert len(accepted) == 1 and "IncompatibleAdaptersError" in verdicts[1].reason
+    assert "layers_to_transform" in verdicts[1].reason
+
+
 def test_huge_update_is_rejected_relative_to_the_median(tmp_path):
     folders = [write_peft_adapter(tmp_path / f"c{i}", 4, 8, seed=i) for i in range(4)]
     scale_update(folders[2], 1e4)
