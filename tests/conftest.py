@@ -210,3 +210,13 @@ def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> LocalHub:
         constants, "HF_STORED_TOKENS_PATH", str(local_hub.root / "client_home" / "stored_tokens")
     )
     return local_hub
+
+
+@pytest.fixture
+def flower_server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the run/task of the process, which a ServerApp would set: tests
+    that build messages in-process set them here (``pytest.mark.usefixtures``)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -18,16 +18,7 @@ from hf_fedlora import LoraAdapter  # noqa: E402
 from hf_fedlora.flower import HeteroLoraStrategy, adapter_from_records, adapter_to_records  # noqa: E402
 
 RECIPE = REPO_ROOT / "recipes" / "flower"
-pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are stamped with the run/task of the process, which a ServerApp would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("flower_server_identity")]
 
 
 @pytest.fixture

@@ -24,16 +24,8 @@ from hf_fedlora.flower import (  # noqa: E402
 )
 from hf_fedlora.flower.records import RANK_KEY  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("flower_server_identity")
 RANKS = {11: 2, 12: 4, 13: 8, 14: 16}
-
-
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are stamped with the run/task of the process, which a ServerApp would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 class _Grid:
