@@ -14,6 +14,13 @@ from _common import markdown_table
 REFERENCES = ("zero_padding", "replication", "flexlora", "stacking")
 """What every other strategy of a cell is compared with (those the cell runs)."""
 WINDOW = 3
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table)."""
+
+
+def ci95_half_width(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean of ``n`` paired differences (t, n - 1 df)."""
+    return T_95.get(n - 1, 1.96) * std / n**0.5
 
 
 def moving_average(curve: list[float], window: int = WINDOW) -> list[float]:
@@ -46,11 +53,14 @@ def paired(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]]) -> dict[s
         diffs = [value(a) - value(b) for a, b in pairs]
         mean = statistics.fmean(diffs)
         std = statistics.stdev(diffs) if len(diffs) > 1 else None
+        half = None if std is None else ci95_half_width(std, len(diffs))
         out[key] = {
             "per_seed": diffs,
             "mean": mean,
             "std": std,
             "within_2_std": None if std is None else abs(mean) <= 2 * std,
+            "ci95": None if half is None else [mean - half, mean + half],
+            "ci95_excludes_zero": None if half is None else abs(mean) > half,
             "same_sign": sum(d > 0 for d in diffs) if mean > 0 else sum(d < 0 for d in diffs),
         }
     return out
@@ -95,6 +105,13 @@ def _pm(v: dict[str, Any]) -> str:
     return f"{100 * v['mean']:+.2f} ± {100 * v['std']:.2f}{flag}"
 
 
+def _ci(v: dict[str, Any]) -> str:
+    if not v.get("ci95"):
+        return "-"
+    text = f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
+    return f"**{text}**" if v["ci95_excludes_zero"] else text
+
+
 def paired_section(report: dict[str, Any]) -> list[str]:
     """The page's paired differences, cell by cell."""
     comparisons = report["summary"].get("paired") or {}
@@ -106,6 +123,8 @@ def paired_section(report: dict[str, Any]) -> list[str]:
         "",
         "`a - b` per seed, then the mean and standard deviation of those differences; *(within 2 std)*: "
         "|mean| <= 2 std, not distinguishable from zero at this n (the issue asks for 5 seeds there). "
+        "95% CI: of the mean paired difference (Student's t, n - 1 degrees of freedom); **bold** where it "
+        "excludes zero, the test this page's claims rest on. "
         "AUC: mean accuracy over all rounds on the fixed per-round rows; final: the final test.",
         "",
     ]
@@ -114,13 +133,24 @@ def paired_section(report: dict[str, Any]) -> list[str]:
             f"`{v['a']}` - `{v['b']}`",
             v["n"],
             _pm(v["auc"]),
+            _ci(v["auc"]),
             f"{v['auc']['same_sign']}/{v['n']}",
             _pm(v["final"]),
+            _ci(v["final"]),
             ", ".join(f"{100 * d:+.1f}" for d in v["auc"]["per_seed"]),
         ]
         for v in comparisons.values()
     ]
-    header = ["comparison", "n", "AUC diff", "seeds agreeing in sign", "final diff", "AUC diff per seed"]
+    header = [
+        "comparison",
+        "n",
+        "AUC diff",
+        "AUC 95% CI",
+        "seeds agreeing in sign",
+        "final diff",
+        "final 95% CI",
+        "AUC diff per seed",
+    ]
     return lines + [markdown_table(header, rows)]
 
 

@@ -205,6 +205,10 @@ def test_paired_differences_match_seed_by_seed() -> None:
     assert out["auc"]["mean"] == pytest.approx(0.25 / 3) and not out["auc"]["within_2_std"]
     assert out["final"]["per_seed"] == pytest.approx([0.1, 0.05, -0.02]) and out["final"]["within_2_std"]
     assert out["final"]["same_sign"] == 2
+    # 95% CI of the mean: t(2 df) = 4.303; AUC diffs 0.1, 0.05, 0.1 have std 0.05/sqrt(3)
+    half = 4.303 * (0.05 / 3**0.5) / 3**0.5
+    assert out["auc"]["ci95"] == pytest.approx([0.25 / 3 - half, 0.25 / 3 + half], abs=1e-4)
+    assert out["auc"]["ci95_excludes_zero"] and not out["final"]["ci95_excludes_zero"]
 
 
 def test_results_go_to_a_scratch_folder_unless_published(tmp_path: Path) -> None:
