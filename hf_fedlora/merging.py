@@ -38,7 +38,7 @@ def _name_non_finite_input(adapters: Sequence[LoraAdapter], module: str) -> None
         adapter.folded_factors(module)
 
 
-class _Scratch:
+class Scratch:
     """One float32 buffer per factor, reused for every client's folded factors of every module."""
 
     def __init__(self) -> None:
@@ -93,7 +93,7 @@ def _merge_module(
     target_rank: int | None,
     previous: Factors | None,
     check: bool,
-    scratch: _Scratch,
+    scratch: Scratch,
 ) -> Factors:
     if not _is_incremental(strategy):
         folded = [_fold_checked(a, module, r, _fresh_fold, check) for a, r in zip(adapters, raw)]
@@ -209,7 +209,7 @@ def merge_modules(
     check = not strategy.reads_every_value(max_ranks, target_rank)
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    scratch = _Scratch()
+    scratch = Scratch()
     with contextlib.ExitStack() as files, ThreadPoolExecutor(1, thread_name_prefix="hf-fedlora-read") as pool:
         if len(adapters) <= MAX_HELD_FILES:  # one descriptor per client for the whole merge
             for adapter in adapters:
@@ -234,4 +234,4 @@ def merge_modules(
     return state, ranks
 
 
-__all__ = ["cast_checked", "dense_terms", "merge_modules", "store_module"]
+__all__ = ["Scratch", "cast_checked", "dense_terms", "merge_modules", "store_module"]

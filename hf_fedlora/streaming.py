@@ -20,7 +20,7 @@ from peft import LoraConfig
 from .adapters import LoraAdapter
 from .adapters.keys import bias_key, magnitude_key
 from .adapters.reference import check_against
-from .adapters.scaling import unit_scale_config
+from .adapters.scaling import fold, unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
 from .aggregation import (
     ReferenceSource,
@@ -32,7 +32,7 @@ from .aggregation import (
 )
 from .constants import __version__
 from .errors import AdapterError, InvalidWeightsError
-from .merging import cast_checked, store_module
+from .merging import Scratch, cast_checked, store_module
 from .strategies import Strategy, get_strategy
 from .strategies._linalg import power_of_two_unit
 from .strategies.base import normalise_weights
@@ -104,22 +104,34 @@ class _DenseSum:
 
 
 class _ClientData:
-    """Every tensor of one client, read once and checked finite: folded factors (float32), LoRA bias
-    updates (``s * bias``), DoRA magnitudes and extras, keyed as in the output."""
+    """Every tensor of one client, read once and checked finite: LoRA factors keyed as in the output
+    (for rules of running sums the stored ones with ``sqrt(s)``, folded as they are added; for the
+    others folded, float32), LoRA bias updates (``s * bias``), DoRA magnitudes and extras."""
 
     def __init__(self, adapter: LoraAdapter, strategy: Strategy):
-        self.folded = {}
+        self.stored: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        keeps_folded = strategy.retains_inputs
+        checks = type(strategy).check_factors is not Strategy.check_factors
         for module in adapter.modules:
-            a, b = adapter.folded_factors(module, check_finite_values=False)
-            # NaN/Inf in the stored factors, or from folding the scale in, shows in the folded sums:
-            # one check per module; on failure the checked read raises aggregate_adapters' error
-            if not math.isfinite(float(a.sum()) + float(b.sum())):
+            a, b = adapter.lora_factors(module, check_finite_values=False)
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
+            scale = adapter.scale(module)
+            root = math.sqrt(scale)
+            # NaN/Inf in the stored factors, or from folding the scale in: one look at each extreme;
+            # on failure the checked read raises aggregate_adapters' error
+            if not _folds_finite((a, b), root):
                 adapter.folded_factors(module)
-            try:
-                strategy.check_factors(module, a, b)
-            except AdapterError as exc:
-                raise type(exc)(f"{adapter.where}: {exc}") from exc
-            self.folded[module] = (a, b)
+            if keeps_folded or checks:
+                folded = fold(a, b, scale)
+                try:
+                    strategy.check_factors(module, *folded)
+                except AdapterError as exc:
+                    raise type(exc)(f"{adapter.where}: {exc}") from exc
+                if keeps_folded:
+                    self.folded[module] = folded
+                    continue
+            self.stored[module] = (a, b, root)
         self.dense: dict[str, torch.Tensor] = {}
         for module in adapter.modules:
             if module in adapter.layout.biases:
@@ -128,6 +140,20 @@ class _ClientData:
                 self.dense[magnitude_key(module)] = adapter.magnitude(module)
         self.dense.update((key, adapter.extra(key)) for key in adapter.extras)
         self.saved_embeddings = set(adapter.layout.saved_embeddings)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _folds_finite(factors: tuple[torch.Tensor, torch.Tensor], root: float) -> bool:
+    """Whether every value is finite and stays within float32 once multiplied by ``root``."""
+    for tensor in factors:
+        if tensor.numel():
+            low, high = torch.aminmax(tensor)
+            peak = max(-float(low), float(high)) * root  # NaN stays NaN
+            if not peak <= FLOAT32_MAX:
+                return False
+    return True
 
 
 class StreamingAggregator:
@@ -217,6 +243,7 @@ class StreamingAggregator:
         self._states: dict[str, Any] = {}
         self._dense: dict[str, _DenseSum] = {}
         self._closed: str | None = None
+        self._scratch = Scratch()
 
     @property
     def num_clients(self) -> int:
@@ -305,10 +332,14 @@ class StreamingAggregator:
         return value, count, mode
 
     def _fold_in(self, data: _ClientData, weight: float) -> None:
-        for module, (a, b) in data.folded.items():
+        for module in (*data.folded, *data.stored):
             if module not in self._states:
                 self._states[module] = self.strategy.start(module, self.target_rank)
+        for module, (a, b) in data.folded.items():
             self.strategy.fold_in(self._states[module], a, b, weight)
+        for module, (a, b, root) in data.stored.items():
+            a, b = self._scratch.float32("a", a, a.shape), self._scratch.float32("b", b, b.shape)
+            self.strategy.fold_in_scaled(self._states[module], a, b, weight, root)
         for key, value in data.dense.items():
             self._dense_sum(key, key in data.saved_embeddings).add(value, weight)
 
