@@ -30,6 +30,7 @@ from hf_fedlora import (
     IncompatibleAdaptersError,
     LoraAdapter,
     NonFiniteTensorError,
+    StreamingAggregator,
     aggregate_adapters,
     list_strategies,
 )
@@ -200,6 +201,10 @@ def test_in_memory_clients_are_not_modified(strategy, clients) -> None:
         for i, (a, s) in enumerate(zip(adapters, states))
     ]
     aggregate_adapters(memory, strategy.name, weights=WEIGHTS)
+    streaming = StreamingAggregator(strategy.name)
+    for client, weight in zip(memory, WEIGHTS):
+        streaming.add(client, weight=weight)
+    streaming.result()
     for adapter, state in zip(adapters, states):
         for key, value in adapter.state_dict().items():
             assert torch.equal(state[key], value), key
