@@ -105,8 +105,9 @@ class _DenseSum:
 
 class _ClientData:
     """Every tensor of one client, read once and checked finite: LoRA factors keyed as in the output
-    (for rules of running sums the stored ones with ``sqrt(s)``, folded as they are added; for the
-    others folded, float32), LoRA bias updates (``s * bias``), DoRA magnitudes and extras."""
+    (for rules of running sums without a check of their own, the stored ones with ``sqrt(s)``,
+    folded as they are added; for the others folded, float32), LoRA bias updates (``s * bias``),
+    DoRA magnitudes and extras."""
 
     def __init__(self, adapter: LoraAdapter, strategy: Strategy):
         self.stored: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -128,9 +129,8 @@ class _ClientData:
                     strategy.check_factors(module, *folded)
                 except AdapterError as exc:
                     raise type(exc)(f"{adapter.where}: {exc}") from exc
-                if keeps_folded:
-                    self.folded[module] = folded
-                    continue
+                self.folded[module] = folded  # folded once, for the check and the rule
+                continue
             self.stored[module] = (a, b, root)
         self.dense: dict[str, torch.Tensor] = {}
         for module in adapter.modules:
