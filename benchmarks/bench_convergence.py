@@ -97,6 +97,7 @@ def write_report(
     plots in ``out``. With ``report_only`` and no run in ``workdir``, the page is rendered again
     from the JSON already in ``out``."""
     previous = out / f"convergence_{preset.name}.json"
+    notes_path = workdir / preset.name / "notes.json"
     runs = {}
     for strategy in preset.labels():
         for seed in preset.seeds:
@@ -105,6 +106,9 @@ def write_report(
                 runs[run_name(strategy, seed)] = r
     if report_only and not runs and previous.is_file():
         report = json.loads(previous.read_text())
+        if notes_path.is_file():  # notes added since, with --note
+            report["notes"] = json.loads(notes_path.read_text())
+        _attach_cpu_subset(report, preset.name, out)
         report_convergence.write_pages(out, report)
         return report
     described = {
@@ -119,7 +123,6 @@ def write_report(
     }
     summary = report_convergence.summarize_all(described, runs)
     devices = sorted({c["device"] for r in runs.values() for c in r["chunks"] if c.get("device")})
-    notes_path = workdir / preset.name / "notes.json"
     report = {
         "notes": json.loads(notes_path.read_text()) if notes_path.is_file() else [],
         "benchmark": "convergence",
@@ -153,13 +156,19 @@ def write_report(
             }
         )
     report["progress"] = report_convergence.progress(described, runs)
-    sibling = out / f"convergence_{preset.name}_cpu.json"
-    if sibling.is_file():  # the GPU preset's page shows what its CPU subset measured
-        report["cpu_subset"] = subset_summary(json.loads(sibling.read_text()))
+    _attach_cpu_subset(report, preset.name, out)
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = report_convergence.plot(described, summary, out)
     report_convergence.write_pages(out, report)
     return report
+
+
+def _attach_cpu_subset(report: dict[str, Any], name: str, out: Path) -> None:
+    """A GPU preset's page shows what its CPU subset (``convergence_<name>_cpu.json`` in ``out``)
+    has measured, as of now."""
+    sibling = out / f"convergence_{name}_cpu.json"
+    if sibling.is_file():
+        report["cpu_subset"] = subset_summary(json.loads(sibling.read_text()))
 
 
 def run_order(preset: Preset) -> list[tuple[int, str]]:

@@ -218,3 +218,28 @@ def test_results_go_to_a_scratch_folder_unless_published(tmp_path: Path) -> None
         bench.main(["--help"])
     report = bench.main(["--preset", "smoke", "--report-only", "--workdir", str(tmp_path / "w")])
     assert report["runs"] == {} and (tmp_path / "w" / "results" / "convergence_smoke.md").is_file()
+
+
+def test_a_gpu_page_without_runs_shows_its_cpu_subset_and_notes_as_of_now(tmp_path: Path) -> None:
+    """Re-rendering a GPU preset that has no run yet takes the CPU subset's current JSON and the
+    notes added since, not the copies frozen in its own JSON."""
+    import shutil
+
+    from testing_utils import REPO_ROOT
+
+    bench = load_benchmark("bench_convergence")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("convergence_regimes.json", "convergence_regimes_cpu.json"):
+        shutil.copy(REPO_ROOT / "docs" / "results" / name, out / name)
+    sibling = json.loads((out / "convergence_regimes_cpu.json").read_text())
+    sibling["summary"]["strategies"] = {
+        k: v for k, v in sibling["summary"]["strategies"].items() if k.startswith("replication@")
+    }
+    (out / "convergence_regimes_cpu.json").write_text(json.dumps(sibling))
+    argv = ["--preset", "regimes", "--report-only", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    bench.main([*argv, "--note", "a note added after the runs"])
+    page = (out / "convergence_regimes.md").read_text()
+    assert "a note added after the runs" in page
+    subset = page[page.index("## What the CPU subset") :]
+    assert "`replication@" in subset and "| `zero_padding@" not in subset.split("### Paired")[0]
