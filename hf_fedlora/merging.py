@@ -3,9 +3,10 @@
 Reads run one module ahead on a helper thread (file reads and hashing release the GIL), in file
 order, so each client's provenance sha256 is computed from the same bytes as its tensors
 (``LoraAdapter.hash_reads``) instead of a second pass over every file. Rules that only add the
-factors into running sums (``Strategy.retains_inputs = False``) get each client's folded factors in
-one reused buffer; the others get every client's folded factors of the module at once
-(``aggregate_module``). Peak memory: the output, two modules' stored inputs and one module's folded
+factors into running sums (``Strategy.retains_inputs = False``) get each client's factors converted
+into one reused float32 buffer, with ``sqrt(s)`` to fold into their add (``Strategy.fold_in_scaled``;
+folded first when a target rank cuts clients, so each input is checked finite); the others get every
+client's folded factors of the module at once (``aggregate_module``). Peak memory: the output, two modules' stored inputs and one module's folded
 inputs (one client's for the running-sum rules).
 """
 
@@ -39,7 +40,7 @@ def _name_non_finite_input(adapters: Sequence[LoraAdapter], module: str) -> None
 
 
 class Scratch:
-    """One float32 buffer per factor, reused for every client's folded factors of every module."""
+    """One float32 buffer per factor, reused for every client's factors of every module."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
