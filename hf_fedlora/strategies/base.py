@@ -161,8 +161,8 @@ class Strategy(ABC):
         self, state: Any, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
     ) -> None:
         """:meth:`fold_in` of the folded factors ``root * a`` and ``root * b`` (``root = sqrt(s)``),
-        for callers that hand over float32 factors not yet multiplied by it (``a`` and ``b`` are
-        theirs to modify). The default multiplies them in place; rules that only add the factors into
+        for callers that hand over float32 factors not yet multiplied by it; the rule may modify
+        ``a`` and ``b``. The default multiplies them in place; rules that only add the factors into
         sums override it to fold ``root`` into the weight of their add: one pass fewer over every input."""
         self.fold_in(state, a.mul_(root), b.mul_(root), weight)
 
