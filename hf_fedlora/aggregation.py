@@ -14,6 +14,7 @@ from .adapters import LoraAdapter
 from .adapters.reference import check_against, majority_reference
 from .adapters.scaling import unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
+from .adapters.validate import layer_size
 from .constants import __version__
 from .errors import AdapterError, IncompatibleAdaptersError, InvalidWeightsError, RankMismatchError
 from .merging import merge_modules
@@ -87,12 +88,11 @@ def check_target_rank_fits(target_rank: int | None, adapter: LoraAdapter) -> Non
     if target_rank is None:
         return
     for module in adapter.modules:
-        a_shape, b_shape = adapter.factor_shapes(module)
-        in_features = int(torch.Size(a_shape[1:]).numel())
-        if target_rank > min(b_shape[0], in_features):
+        out_features, in_features = layer_size(*adapter.factor_shapes(module))
+        if target_rank > min(out_features, in_features):
             raise RankMismatchError(
                 f"`target_rank={target_rank}` is larger than module `{module}` itself "
-                f"({b_shape[0]} x {in_features}, checked on {adapter.label}); a merged adapter cannot "
+                f"({out_features} x {in_features}, checked on {adapter.label}); a merged adapter cannot "
                 "hold more rank than its smallest layer."
             )
 
@@ -271,13 +271,7 @@ def aggregate_adapters(
             adapter.hash_reads()
     out_dtype = _output_dtype(adapters, dtype)
     state, ranks = merge_modules(
-        adapters,
-        strategy,
-        p,
-        target_rank=target_rank,
-        prior=prior,
-        out_dtype=out_dtype,
-        progress=progress,
+        adapters, strategy, p, target_rank=target_rank, prior=prior, out_dtype=out_dtype, progress=progress
     )
     for key in adapters[0].extras:
         state[key] = _dense_extra(adapters, key, p)

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest finite float32: past it a value (a fold, a norm) overflows to Inf."""
+
 
 def pad_rows(a: torch.Tensor, rank: int) -> torch.Tensor:
     """``a`` ([r, in]) with zero rows appended up to ``rank`` rows, or cut to its first ``rank`` rows."""

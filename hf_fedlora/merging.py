@@ -5,9 +5,10 @@ order, so each client's provenance sha256 is computed from the same bytes as its
 (``LoraAdapter.hash_reads``) instead of a second pass over every file. Rules that only add the
 factors into running sums (``Strategy.retains_inputs = False``) get each client's factors converted
 into one reused float32 buffer, with ``sqrt(s)`` to fold into their add (``Strategy.fold_in_scaled``;
-folded first when a target rank cuts clients, so each input is checked finite); the others get every
-client's folded factors of the module at once (``aggregate_module``). Peak memory: the output, two modules' stored inputs and one module's folded
-inputs (one client's for the running-sum rules).
+folded first when a target rank cuts clients, so each input is checked finite); the others get
+every client's folded factors of the module at once (``aggregate_module``). Peak memory: the
+output, two modules' stored inputs and one module's folded inputs (one client's for the
+running-sum rules).
 """
 
 from __future__ import annotations

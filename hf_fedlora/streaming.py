@@ -32,6 +32,7 @@ from .aggregation import (
 )
 from .constants import __version__
 from .errors import AdapterError, InvalidWeightsError
+from .linalg import FLOAT32_MAX
 from .merging import Scratch, cast_checked, store_module
 from .strategies import Strategy, get_strategy
 from .strategies._linalg import power_of_two_unit
@@ -140,9 +141,6 @@ class _ClientData:
                 self.dense[magnitude_key(module)] = adapter.magnitude(module)
         self.dense.update((key, adapter.extra(key)) for key in adapter.extras)
         self.saved_embeddings = set(adapter.layout.saved_embeddings)
-
-
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _folds_finite(factors: tuple[torch.Tensor, torch.Tensor], root: float) -> bool:

@@ -102,6 +102,12 @@ MAX_SCALE = 1e18
 """Largest PEFT scale accepted: ``sqrt(1e18) = 1e9`` leaves float32 room for factors up to ~1e29."""
 
 
+def layer_size(a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple[int, int]:
+    """``(out, in)`` of the layer a LoRA module adapts, from its factors' shapes (a convolution's
+    ``in`` is its input channels times its kernel): no module can hold a rank above their minimum."""
+    return int(b_shape[0]), int(math.prod(a_shape[1:]))
+
+
 def check_factor_shapes(adapter: AdapterLayout) -> None:
     """Every module's A and B agree with each other and with the rank its config declares.
 
@@ -141,11 +147,11 @@ def check_factor_shapes(adapter: AdapterLayout) -> None:
                 f"hold rank {a_shape[0]}/{b_shape[1]} but '{ADAPTER_CONFIG_NAME}' declares rank {rank} for this module "
                 "(`r`/`rank_pattern`). Re-save the adapter with PEFT so config and tensors agree."
             )
-        in_features = int(torch.Size(a_shape[1:]).numel())
-        if rank > min(b_shape[0], in_features):
+        out_features, in_features = layer_size(a_shape, b_shape)
+        if rank > min(out_features, in_features):
             raise RankMismatchError(
                 f"{where}: module `{module}` has rank {rank}, larger than the layer itself "
-                f"({b_shape[0]} x {in_features}); such an adapter is not a low-rank update."
+                f"({out_features} x {in_features}); such an adapter is not a low-rank update."
             )
         _check_dense_terms(adapter, module, b_shape[0], where)
 

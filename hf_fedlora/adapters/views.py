@@ -14,7 +14,7 @@ from .io import MemoryStore
 from .keys import bias_key, magnitude_key
 from .limits import positive_number
 from .scaling import lora_scale, unfold
-from .validate import check_finite
+from .validate import check_finite, layer_size
 
 
 def _init_slots(
@@ -52,12 +52,12 @@ def rank_view(
     if lora_alpha is not None and not positive_number(lora_alpha, integer=False):
         raise AdapterError(f"`lora_alpha` must be a finite positive number, got {lora_alpha!r:.60}.")
     for module in adapter.modules:  # before allocating anything: a view is at most the layer's rank
-        a_shape, b_shape = adapter.factor_shapes(module)
-        largest = min(b_shape[0], int(torch.Size(a_shape[1:]).numel()))
+        out_features, in_features = layer_size(*adapter.factor_shapes(module))
+        largest = min(out_features, in_features)
         if rank > largest:
             raise RankMismatchError(
-                f"{adapter.label}: `rank` {rank} is larger than module `{module}` itself ({b_shape[0]} x "
-                f"{int(torch.Size(a_shape[1:]).numel())}); the largest view of this adapter is rank {largest}."
+                f"{adapter.label}: `rank` {rank} is larger than module `{module}` itself ({out_features} x "
+                f"{in_features}); the largest view of this adapter is rank {largest}."
             )
     try:
         check_send_back(method, "method")

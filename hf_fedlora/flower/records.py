@@ -20,7 +20,6 @@ declared rank, NaN/Inf) and raises an ``AdapterError`` that names the sender and
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from peft import LoraConfig
 
 from ..adapters import LoraAdapter
 from ..adapters.keys import lora_a_key, lora_b_key
-from ..adapters.validate import check_finite, lora_config_from_dict
+from ..adapters.validate import check_finite, layer_size, lora_config_from_dict
 from ..constants import MAX_JSON_BYTES, MAX_JSON_DEPTH
 from ..errors import AdapterFormatError, RankMismatchError
 from ..files import json_nesting
@@ -113,7 +112,7 @@ def layer_shapes(reference: LoraAdapter) -> dict[str, tuple[tuple[int, ...], int
     layout = reference.layout
     for module in reference.modules:
         (a_key, b_key), (a_shape, b_shape) = layout.factor_keys(module), reference.factor_shapes(module)
-        largest = min(b_shape[0], math.prod(a_shape[1:]))
+        largest = min(layer_size(a_shape, b_shape))
         shapes[a_key], shapes[b_key] = (a_shape, 0, largest), (b_shape, 1, largest)
         for key in layout.lora_keys(module)[2:]:
             shapes[key] = (tuple(reference.tensor_shape(key)), None, 0)

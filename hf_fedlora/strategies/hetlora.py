@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteTensorError
-from ..linalg import update_norm
+from ..linalg import FLOAT32_MAX, update_norm
 from ._linalg import PaddedSums
 from .base import Strategy
 from .registry import register_strategy
@@ -24,9 +24,6 @@ class _NormWeightedSums:
     name: str
     sums: PaddedSums
     weighted: bool = False  # whether a client with a non-zero update has been folded in
-
-
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def client_norm(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
