@@ -271,7 +271,14 @@ def aggregate_adapters(
             adapter.hash_reads()
     out_dtype = _output_dtype(adapters, dtype)
     state, ranks = merge_modules(
-        adapters, strategy, p, target_rank=target_rank, prior=prior, out_dtype=out_dtype, progress=progress
+        adapters,
+        strategy,
+        p,
+        target_rank=target_rank,
+        prior=prior,
+        out_dtype=out_dtype,
+        progress=progress,
+        reads_hashed=record_sha256,
     )
     for key in adapters[0].extras:
         state[key] = _dense_extra(adapters, key, p)

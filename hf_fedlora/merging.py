@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,6 +25,7 @@ from .adapters import LoraAdapter
 from .adapters.keys import bias_key, magnitude_key
 from .adapters.validate import check_finite
 from .errors import AdapterError, NonFiniteTensorError
+from .rank_groups import ReadAhead, read_ahead_pays
 from .strategies import ModuleInputs, Strategy
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -195,9 +196,16 @@ def merge_modules(
     prior: LoraAdapter | None,
     out_dtype: torch.dtype,
     progress: bool = False,
+    reads_hashed: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Every LoRA module of ``adapters`` (checked compatible) merged by ``strategy`` with the
     normalised weights ``p``: the output tensors keyed as PEFT saves them, and each module's rank.
+
+    A rule of running sums whose inputs need no check one by one gets each module's clients in
+    chunks of one rank (``Strategy.fold_in_many``), read ahead on a helper thread when that pays
+    (``reads_hashed``: the reads also feed each file's sha256; or large chunks; see
+    :mod:`hf_fedlora.rank_groups`); other rules get a module's clients at once, the next module
+    read ahead.
 
     Raises:
         NonFiniteTensorError: naming the client whose factors hold NaN/Inf (stored or once folded),
@@ -211,29 +219,124 @@ def merge_modules(
     check = not strategy.reads_every_value(max_ranks, target_rank)
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    scratch = Scratch()
-    with contextlib.ExitStack() as files, ThreadPoolExecutor(1, thread_name_prefix="hf-fedlora-read") as pool:
+    bar = tqdm(total=len(modules), desc=f"aggregate ({strategy.name})", disable=not progress, unit="module")
+    with bar, contextlib.ExitStack() as files:
         if len(adapters) <= MAX_HELD_FILES:  # one descriptor per client for the whole merge
             for adapter in adapters:
                 files.enter_context(adapter.held_open())
-        pending = pool.submit(_read, adapters, modules[0], check) if modules else None
-        for i, module in enumerate(
-            tqdm(modules, desc=f"aggregate ({strategy.name})", disable=not progress, unit="module")
-        ):
-            raw = pending.result()
-            if i + 1 < len(modules):  # the next module's reads overlap this module's arithmetic
-                pending = pool.submit(_read, adapters, modules[i + 1], check)
-            previous = prior.folded_factors(module) if prior is not None else None
-            a, b = _merge_module(adapters, module, raw, strategy, p, target_rank, previous, check, scratch)
-            del raw
-            try:  # the one finiteness check of a module whose inputs were not checked one by one
-                ranks[module] = store_module(state, layout, module, (a, b), out_dtype)
-            except NonFiniteTensorError:
-                if not check:
-                    _name_non_finite_input(adapters, module)  # else every input is finite: the sum overflowed
-                raise
-            state.update(dense_terms(adapters, module, p, out_dtype))
+        if not check and _is_incremental(strategy):
+            # closed before the files: the helper stops reading first
+            threaded = read_ahead_pays(adapters, modules, reads_hashed)
+            reader = files.enter_context(ReadAhead(adapters, modules, threaded))
+            merged = _merge_by_rank(reader, adapters, strategy, p, target_rank, prior)
+        else:  # closed (its helper stopped) before the files
+            merged = files.enter_context(
+                contextlib.closing(
+                    _merge_one_by_one(adapters, modules, strategy, p, target_rank, prior, check)
+                )
+            )
+        for module, factors in merged:
+            ranks[module] = _store(state, adapters, module, factors, p, out_dtype, check)
+            bar.update()
     return state, ranks
+
+
+def _store(
+    state: dict[str, torch.Tensor],
+    adapters: Sequence[LoraAdapter],
+    module: str,
+    factors: Factors,
+    p: torch.Tensor,
+    out_dtype: torch.dtype,
+    check: bool,
+) -> int:
+    try:  # the one finiteness check of a module whose inputs were not checked one by one
+        rank = store_module(state, adapters[0], module, factors, out_dtype)
+    except NonFiniteTensorError:
+        if not check:
+            _name_non_finite_input(adapters, module)  # else every input is finite: the sum overflowed
+        raise
+    state.update(dense_terms(adapters, module, p, out_dtype))
+    return rank
+
+
+def _merge_one_by_one(
+    adapters: Sequence[LoraAdapter],
+    modules: Sequence[str],
+    strategy: Strategy,
+    p: torch.Tensor,
+    target_rank: int | None,
+    prior: LoraAdapter | None,
+    check: bool,
+) -> Iterator[tuple[str, Factors]]:
+    """Each module merged from its clients' factors, the next module read on a helper thread."""
+    scratch = Scratch()
+    with ThreadPoolExecutor(1, thread_name_prefix="hf-fedlora-read") as pool:
+        pending = pool.submit(_read, adapters, modules[0], check) if modules else None
+        try:
+            for i, module in enumerate(modules):
+                raw = pending.result()
+                if i + 1 < len(modules):  # the next module's reads overlap this module's arithmetic
+                    pending = pool.submit(_read, adapters, modules[i + 1], check)
+                previous = prior.folded_factors(module) if prior is not None else None
+                factors = _merge_module(
+                    adapters, module, raw, strategy, p, target_rank, previous, check, scratch
+                )
+                del raw
+                yield module, factors
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # before the files close under the helper
+
+
+def _merge_by_rank(
+    chunks: ReadAhead,
+    adapters: Sequence[LoraAdapter],
+    strategy: Strategy,
+    p: torch.Tensor,
+    target_rank: int | None,
+    prior: LoraAdapter | None,
+) -> Iterator[tuple[str, Factors]]:
+    """Each module of a running-sum rule merged from its clients' chunks of one rank
+    (``Strategy.fold_in_many``), the scale folded into the sums' weights."""
+    weights = p.tolist()
+    batched = type(strategy).fold_in_many is not Strategy.fold_in_many
+    buffers: dict[str, torch.Tensor] = {}  # one float32 stack per factor, reused for every chunk
+    sums = None
+    for chunk in chunks:
+        module = chunk.module
+        if sums is None:
+            sums = strategy.start(module, target_rank)
+        if not chunk.clients:  # the module's last chunk is in
+            previous = prior.folded_factors(module) if prior is not None else None
+            yield module, strategy.finish(sums, 1.0, previous)
+            sums = None
+            continue
+        a, b = chunk.float32(buffers)
+        members = [adapters[k] for k in chunk.clients]
+        roots = [math.sqrt(adapter.scale(module)) for adapter in members]
+        chunk_weights = [weights[k] for k in chunk.clients]
+        if not batched:  # a rule without its own fold_in_many: one client at a time, each named on error
+            for i, adapter in enumerate(members):
+                with _naming([adapter], module):
+                    strategy.fold_in_scaled(sums, a[i], b[i], chunk_weights[i], roots[i])
+        else:
+            with _naming(members, module):
+                strategy.fold_in_many(sums, a, b, chunk_weights, roots)
+        chunks.release(chunk)
+
+
+@contextlib.contextmanager
+def _naming(members: Sequence[LoraAdapter], module: str) -> Iterator[None]:
+    """Name the client at fault when folding ``members`` in fails: the one whose factors are not
+    finite, else the one (or the clients) the rule's error is about."""
+    try:
+        yield
+    except (AdapterError, RuntimeError) as exc:
+        _name_non_finite_input(members, module)
+        if isinstance(exc, AdapterError):
+            where = members[0].where if len(members) == 1 else "one of " + ", ".join(m.where for m in members)
+            raise type(exc)(f"{where}: {exc}") from exc
+        raise
 
 
 __all__ = ["Scratch", "cast_checked", "dense_terms", "merge_modules", "store_module"]

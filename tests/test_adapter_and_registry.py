@@ -20,7 +20,9 @@ QUERY0 = "base_model.model.bert.encoder.layer.0.attention.self.query"
 def test_opening_reads_headers_only(make_adapter, monkeypatch):
     reads = []
     original = SafetensorsStore.get
-    monkeypatch.setattr(SafetensorsStore, "get", lambda self, key: reads.append(key) or original(self, key))
+    monkeypatch.setattr(
+        SafetensorsStore, "get", lambda self, key, out=None: reads.append(key) or original(self, key, out)
+    )
     adapter = LoraAdapter.from_pretrained(make_adapter("a", 4, 8))
     assert adapter.ranks[QUERY0] == 4 and adapter.num_parameters() > 0
     assert reads == []
@@ -33,7 +35,9 @@ def test_aggregation_streams_one_module_at_a_time(make_adapter, monkeypatch):
     sources = [make_adapter(n, r, 2 * r, seed=i) for i, (n, r) in enumerate([("a", 2), ("b", 4), ("c", 8)])]
     order = []
     original = SafetensorsStore.get
-    monkeypatch.setattr(SafetensorsStore, "get", lambda self, key: order.append(key) or original(self, key))
+    monkeypatch.setattr(
+        SafetensorsStore, "get", lambda self, key, out=None: order.append(key) or original(self, key, out)
+    )
     aggregate_adapters(sources)
     modules = [k.rsplit(".lora_", 1)[0] for k in order if ".lora_" in k]
     first_seen = {m: modules.index(m) for m in dict.fromkeys(modules)}

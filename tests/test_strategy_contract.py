@@ -193,6 +193,34 @@ def test_fold_in_scaled_is_fold_in_of_the_scaled_factors(strategy) -> None:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("target_rank", [None, 3, 6])
+def test_fold_in_many_is_fold_in_scaled_one_by_one(strategy, target_rank) -> None:
+    """Clients of one rank folded in at once (``fold_in_many``, as the module loop hands them to
+    running-sum rules) give what folding them in one at a time gives, zero weights included."""
+    if not strategy.implements_rule() or strategy.retains_inputs:
+        pytest.skip("the loop calls fold_in_many only for rules of running sums")
+    gen = torch.Generator().manual_seed(1)
+    groups = [  # the largest rank first, as the loop orders them; a zero weight only reserves
+        (
+            torch.randn(3, 4, 12, generator=gen),
+            torch.randn(3, 10, 4, generator=gen),
+            [1.0, 0.0, 2.5],
+            [0.5, 2.0, 1.1],
+        ),
+        (torch.randn(2, 2, 12, generator=gen), torch.randn(2, 10, 2, generator=gen), [0.25, 4.0], [3.0, 0.7]),
+    ]
+    if not strategy.supports_heterogeneous_ranks:
+        groups = groups[:1]
+    many, one_by_one = strategy.start("m", target_rank), strategy.start("m", target_rank)
+    for a, b, weights, roots in groups:
+        strategy.fold_in_many(many, a.clone(), b.clone(), weights, roots)
+        for k in range(a.shape[0]):
+            strategy.fold_in_scaled(one_by_one, a[k].clone(), b[k].clone(), weights[k], roots[k])
+    total = sum(sum(g[2]) for g in groups)
+    for want, got in zip(strategy.finish(one_by_one, total), strategy.finish(many, total)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_in_memory_clients_are_not_modified(strategy, clients) -> None:
     adapters = [LoraAdapter.from_pretrained(c) for c in clients]
     states = [{k: v.clone() for k, v in a.state_dict().items()} for a in adapters]

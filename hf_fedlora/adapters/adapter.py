@@ -227,23 +227,30 @@ class LoraAdapter:
             total += int(torch.Size(self._store.shape(key)).numel()) * dtype.itemsize
         return total
 
-    def _read(self, key: str, check: bool = True) -> torch.Tensor:
-        tensor = self._store.get(key)
+    def _read(self, key: str, check: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self._store.get(key, out) if out is not None else self._store.get(key)
         if check:
             check_finite(tensor, self.where, key)
         return tensor
 
     def lora_factors(
-        self, module: str, *, check_finite_values: bool = True
+        self,
+        module: str,
+        *,
+        check_finite_values: bool = True,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored ``(A, B)`` of ``module`` as saved (unscaled, storage dtype), checked finite
-        unless ``check_finite_values=False`` (for callers that check what they compute from them)."""
+        unless ``check_finite_values=False`` (for callers that check what they compute from them).
+        With ``out``, two uint8 tensors of the factors' sizes in bytes (slots of buffers the caller
+        reuses), the factors are read into them and returned as views of them."""
         if module not in self.modules:
             raise KeyError(
                 f"{self.label}: no LoRA module `{module}`; it has {len(self.modules)} modules, e.g. {self.modules[:2]}"
             )
         a_key, b_key = self.layout.factor_keys(module)
-        return self._read(a_key, check_finite_values), self._read(b_key, check_finite_values)
+        a_out, b_out = out if out is not None else (None, None)
+        return self._read(a_key, check_finite_values, a_out), self._read(b_key, check_finite_values, b_out)
 
     def folded_factors(
         self, module: str, *, check_finite_values: bool = True

@@ -49,7 +49,7 @@ class TensorStore(Protocol):
 
     def dtype(self, key: str) -> torch.dtype | None: ...
 
-    def get(self, key: str) -> torch.Tensor: ...
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class MemoryStore:
@@ -67,8 +67,18 @@ class MemoryStore:
     def dtype(self, key: str) -> torch.dtype | None:
         return self._tensors[key].dtype
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self._tensors[key]
+        return tensor if out is None else _view_bytes(out, tensor.dtype, tensor.shape).copy_(tensor)
+
+
+def _view_bytes(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The uint8 tensor ``out`` seen as a ``dtype`` tensor of ``shape`` (sizes checked)."""
+    if out.numel() != torch.Size(shape).numel() * dtype.itemsize:
+        raise ValueError(
+            f"`out` holds {out.numel()} bytes; a {dtype} tensor of shape {tuple(shape)} needs another size."
+        )
+    return out.view(dtype).view(shape)
 
 
 class SafetensorsStore:
@@ -132,20 +142,26 @@ class SafetensorsStore:
         """The dtype as the header spells it (e.g. ``F8_E8M0``), for messages about unreadable ones."""
         return str(self._entries[key][0])
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor, read with one positioned read (no memory map) and fed to the file's running
-        sha256 when :meth:`hash_reads` started one."""
+        sha256 when :meth:`hash_reads` started one; into ``out`` (uint8, the tensor's size in bytes,
+        e.g. a slot of a reused buffer) when given, else into new memory."""
         dtype_name, _shape, start, end = self._entries[key]
         if _SAFETENSORS_DTYPES.get(dtype_name) is None:
             raise AdapterFormatError(
                 f"{self._where}, file '{self.path.name}': tensor `{key}` has dtype {dtype_name}, "
                 "which this torch cannot read."
             )
-        return self._read([key], start, end)[0]
+        return self._read([key], start, end, out)[0]
 
-    def _read(self, keys: list[str], first: int, last: int) -> list[torch.Tensor]:
+    def _read(
+        self, keys: list[str], first: int, last: int, out: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         where = f"{self._where}, file '{self.path.name}': tensor `{keys[0]}`"
-        buffer = numpy.empty(last - first, dtype=numpy.uint8)  # filled by the read: not zeroed first
+        if out is not None and out.numel() != last - first:
+            raise ValueError(f"{where}: `out` holds {out.numel()} bytes, the tensor {last - first}.")
+        # filled by the read: not zeroed first
+        buffer = numpy.empty(last - first, dtype=numpy.uint8) if out is None else out.numpy()
         try:
             fd = self._held if self._held is not None else open_regular(self.path, self._where)
             try:

@@ -64,19 +64,46 @@ class PaddedSums:
         r = self.reserve(a, b)
         if weight <= 0:
             return
-        unit = power_of_two_unit(weight)
-        if unit > self.unit:  # a larger weight: the stored sums become relative to a larger unit
-            ratio = self.unit / unit
-            self.a.mul_(ratio)  # exact: a power of two
-            self.b.mul_(ratio)
-            self.total *= ratio
-            self._weight_by_rank = {k: v * ratio for k, v in self._weight_by_rank.items()}
-            self.unit = unit
+        self._raise_unit(weight)
         relative = weight / self.unit
         self.a[:r].add_(a[:r], alpha=relative * root)
         self.b[:, :r].add_(b[:, :r], alpha=relative * root)
         self._weight_by_rank[r] = self._weight_by_rank.get(r, 0.0) + relative
         self.total += relative
+
+    def _raise_unit(self, weight: float) -> None:
+        """Make the stored sums relative to a unit no smaller than half of ``weight`` (exact: a power of two)."""
+        unit = power_of_two_unit(weight)
+        if unit > self.unit:
+            ratio = self.unit / unit
+            self.a.mul_(ratio)
+            self.b.mul_(ratio)
+            self.total *= ratio
+            self._weight_by_rank = {k: v * ratio for k, v in self._weight_by_rank.items()}
+            self.unit = unit
+
+    def add_many(self, a: torch.Tensor, b: torch.Tensor, weights: list[float], roots: list[float]) -> None:
+        """:meth:`add` of clients of one rank at once: ``a`` is ``[n, r, in]`` and ``b`` ``[n, out, r]``,
+        client k with ``weights[k]`` and ``roots[k]``; one weighted sum per factor instead of n adds."""
+        r = self.reserve(a[0], b[0])
+        live = [k for k, w in enumerate(weights) if w > 0]  # a zero weight only reserves the rank
+        if not live:
+            return
+        self._raise_unit(max(weights[k] for k in live))
+        relative = [weights[k] / self.unit for k in live]
+        coeffs = torch.tensor([w * roots[k] for w, k in zip(relative, live)], dtype=torch.float32)
+        if len(live) < len(weights):
+            a, b = a[live], b[live]
+        if r < a.shape[1]:  # cut to the target rank
+            a, b = a[:, :r], b[:, :, :r]
+        n = len(live)
+        self.a[:r].view(-1).addmv_(a.reshape(n, -1).T, coeffs)  # rows [:r]: contiguous
+        if r == self.rank:
+            self.b.view(-1).addmv_(b.reshape(n, -1).T, coeffs)
+        else:
+            self.b[:, :r].add_(torch.mv(b.reshape(n, -1).T, coeffs).view(self.b.shape[0], r))
+        self._weight_by_rank[r] = self._weight_by_rank.get(r, 0.0) + sum(relative)
+        self.total += sum(relative)
 
     def clear(self) -> None:
         """Zero the sums and weights, keeping their rank."""

@@ -166,6 +166,16 @@ class Strategy(ABC):
         sums override it to fold ``root`` into the weight of their add: one pass fewer over every input."""
         self.fold_in(state, a.mul_(root), b.mul_(root), weight)
 
+    def fold_in_many(
+        self, state: Any, a: torch.Tensor, b: torch.Tensor, weights: list[float], roots: list[float]
+    ) -> None:
+        """:meth:`fold_in_scaled` of n clients of one rank at once: ``a`` is ``[n, r, in]``, ``b``
+        ``[n, out, r]`` (float32, not yet multiplied by ``roots``; the rule may modify them), client k
+        with ``weights[k]`` and ``roots[k]``. The default folds them in one by one; rules of running
+        sums override it with one weighted sum per factor, far fewer passes over memory."""
+        for k, (weight, root) in enumerate(zip(weights, roots)):
+            self.fold_in_scaled(state, a[k], b[k], weight, root)
+
     def finish(
         self,
         state: Any,

@@ -27,3 +27,8 @@ class PaddedSumsStrategy(Strategy):
         self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
     ) -> None:
         state.add(a, b, weight, root)
+
+    def fold_in_many(
+        self, state: PaddedSums, a: torch.Tensor, b: torch.Tensor, weights: list[float], roots: list[float]
+    ) -> None:
+        state.add_many(a, b, weights, roots)
