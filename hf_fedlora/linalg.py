@@ -30,10 +30,12 @@ def factored_svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` approximation of ``sum_k B_k @ A_k``, without forming the dense matrix.
 
-    Stacks the factors (``[out, s]`` and ``[s, in]`` with ``s = sum r_k``), takes a QR of each and
-    the SVD of the small ``s x s`` core, so the cost grows with ``s``, not with ``out x in``.
-    The result is split evenly between the factors (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) and is
-    zero-padded when the sum has lower rank than asked.
+    Stacks the factors (``[out, s]`` and ``[s, in]`` with ``s = sum r_k``), takes the R of a QR of
+    each (the Q is never formed) and the leading singular triplets of the small ``s x s`` core
+    (:func:`top_singular`), so the cost grows with ``s``, not with ``out x in``. The result is split
+    evenly between the factors (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) and is zero-padded when the
+    sum has lower rank than asked (singular values under ``NEGLIGIBLE_SINGULAR`` times the largest
+    count as zero).
 
     Args:
         bs: the ``B_k`` factors, ``[out, r_k]`` each (already scaled by any weight).
@@ -48,18 +50,62 @@ def factored_svd(
         # the stacked rank reaches the layer's size: the dense SVD is no more expensive
         u, s, vh = torch.linalg.svd((b_stack.double() @ a_stack.double()), full_matrices=False)
         keep = min(rank, s.shape[0])
-        left, right = u[:, :keep], vh[:keep]
-    else:
-        q_b, r_b = torch.linalg.qr(b_stack)
-        q_a, r_a = torch.linalg.qr(a_stack.T)
-        # the small core in float64 keeps its trailing singular values accurate
-        u, s, vh = torch.linalg.svd(r_b.double() @ r_a.double().T, full_matrices=False)
-        keep = min(rank, s.shape[0])
-        left, right = q_b.double() @ u[:, :keep], vh[:keep] @ q_a.double().T
-    root = s[:keep].sqrt()
-    b = left * root
-    a = root[:, None] * right
+        root = s[:keep].sqrt()
+        b, a = u[:, :keep] * root, root[:, None] * vh[:keep]
+        return pad_rows(a.float(), rank), pad_cols(b.float(), rank)
+    # M = Q_b R_b R_a^T Q_a^T; with C = R_b R_a^T = U S V^T, M's singular vectors are Q_b U and
+    # Q_a V, and since R_b^{-1} U = R_a^T V S^{-1} (and R_a^{-1} V = R_b^T U S^{-1}), neither Q is formed:
+    # B' = B R_a^T V S^{-1/2} and A' = S^{-1/2} U^T R_b A
+    r_b = torch.linalg.qr(b_stack, mode="r").R.double()
+    r_a = torch.linalg.qr(a_stack.T, mode="r").R.double()
+    u, s, vh = top_singular(r_b @ r_a.T, rank)  # the small core in float64
+    keep = int((s > s[0] * NEGLIGIBLE_SINGULAR).sum()) if s.numel() and s[0] > 0 else 0
+    inv_root = s[:keep].rsqrt()
+    b = (b_stack.double() @ (r_a.T @ vh[:keep].T)) * inv_root
+    a = inv_root[:, None] * ((u[:, :keep].T @ r_b) @ a_stack.double())
     return pad_rows(a.float(), rank), pad_cols(b.float(), rank)
+
+
+NEGLIGIBLE_SINGULAR = 1e-7
+"""Singular values of a sum below this fraction of its largest are dropped by :func:`factored_svd`
+(their share of the energy is under ``1e-14``; their directions are not resolvable in float32)."""
+
+
+PARTIAL_EIGH_MIN_SIZE = 256
+"""From this core size on, :func:`top_singular` computes only the leading triplets when they are at
+most a quarter of the core."""
+
+
+def top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``rank`` leading singular triplets ``(U, S, Vh)`` of a float64 matrix, as
+    ``torch.linalg.svd`` truncated to ``rank`` would give them (descending ``S``).
+
+    A full SVD costs the whole spectrum; when few triplets of a large core are wanted, only the
+    leading eigenpairs of the Gram ``C C^T`` are computed (LAPACK's MRRR, ``syevr``, on an index
+    range), and ``Vh = U^T C / S``. The rank-``rank`` product ``U S Vh = U U^T C`` is then the exact
+    projection of ``C`` on those directions whatever the rounding of ``S``; float64 keeps the
+    eigenvalues to ``1e-16 ||C||^2``.
+    """
+    size = min(core.shape)
+    keep = min(rank, size)
+    if size < PARTIAL_EIGH_MIN_SIZE or 4 * keep > size:
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        return u[:, :keep], s[:keep], vh[:keep]
+    import scipy.linalg  # a dependency; imported here only for the cores that need it
+
+    tall = core.shape[0] > core.shape[1]
+    c = core.T if tall else core  # the Gram of the shorter side
+    gram = (c @ c.T).numpy()
+    values, vectors = scipy.linalg.eigh(
+        gram, subset_by_index=[gram.shape[0] - keep, gram.shape[0] - 1], driver="evr"
+    )
+    values, vectors = torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+    s = values.clamp(min=0.0).sqrt()
+    other = (vectors.T @ c) / torch.where(s > 0, s, 1.0)[:, None]  # rows of zero S: zero directions
+    other[s == 0] = 0.0
+    if tall:  # c = core^T: its left vectors are the core's right ones
+        return other.T, s, vectors.T
+    return vectors, s, other
 
 
 def squared_update_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -265,3 +265,50 @@ def test_randomized_flexlora_falls_back_to_exact_on_a_flat_spectrum(seed):
     assert torch.equal(got[0], exact[0]) and torch.equal(got[1], exact[1])
     with pytest.raises(ValueError, match="svd"):
         FlexLoraStrategy("fast")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_factored_svd_of_a_wide_sum_is_the_truncated_svd_of_the_dense_sum(shared):
+    """A sum of 320 stacked ranks (the core's leading triplets come from a partial eigen-solve, the
+    Q of each stack is never formed), of independent or of direction-sharing (rank-deficient)
+    clients: the rank-8 result is the dense sum's truncated SVD."""
+    from hf_fedlora.linalg import PARTIAL_EIGH_MIN_SIZE, factored_svd
+
+    gen = torch.Generator().manual_seed(3)
+    out_dim, in_dim, rank = 600, 500, 8
+    shared_b, shared_a = torch.randn(out_dim, 4, generator=gen), torch.randn(4, in_dim, generator=gen)
+    bs, as_ = [], []
+    for k in range(20):  # 20 clients of rank 16
+        b, a = torch.randn(out_dim, 16, generator=gen), torch.randn(16, in_dim, generator=gen)
+        if shared:  # the first 4 directions shared by every client: A's stack has rank 4 + 20 * 12
+            b[:, :4], a[:4] = shared_b * (k + 1), shared_a
+        bs.append(b)
+        as_.append(a)
+    assert sum(b.shape[1] for b in bs) >= 4 * rank and sum(b.shape[1] for b in bs) >= PARTIAL_EIGH_MIN_SIZE
+    a, b = factored_svd(bs, as_, rank)
+    dense = sum(b.double() @ a.double() for a, b in zip(as_, bs))
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    want = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    got = b.double() @ a.double()
+    assert float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want)) < 1e-5
+    # split evenly between the factors, as the exact SVD: ||A_i|| = ||B_i|| = sqrt(s_i)
+    torch.testing.assert_close(a.double().norm(dim=1), s[:rank].sqrt(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(b.double().norm(dim=0), s[:rank].sqrt(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(400, 300), (300, 400), (300, 300)])
+def test_top_singular_equals_the_truncated_svd(shape):
+    from hf_fedlora.linalg import top_singular
+
+    gen = torch.Generator().manual_seed(4)
+    core = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -6, shape[1], dtype=torch.float64)
+    )
+    u, s, vh = top_singular(core, 20)
+    want_u, want_s, want_vh = torch.linalg.svd(core, full_matrices=False)
+    torch.testing.assert_close(s, want_s[:20], rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        u @ torch.diag(s) @ vh, want_u[:, :20] @ torch.diag(want_s[:20]) @ want_vh[:20]
+    )
+    torch.testing.assert_close(u.T @ u, torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(vh @ vh.T, torch.eye(20, dtype=torch.float64))

@@ -2,8 +2,8 @@
 and Client Resources", NeurIPS 2024, https://arxiv.org/abs/2402.11505).
 
 Averages the clients' full updates ``sum_k p_k B_k A_k`` and redistributes them by SVD. We compute
-the SVD in factored form (QR of the stacked factors, SVD of a ``sum r_k`` square core), which is
-exact and never builds the dense ``out x in`` matrix; at many clients, a randomised range finder on
+the SVD in factored form (the R of a QR of each stacked factor, the leading singular triplets of
+a ``sum r_k`` square core), which is exact and never builds the dense ``out x in`` matrix; at many clients, a randomised range finder on
 the same implicit sum, kept only where its certificate bounds its error.
 """
 
@@ -25,7 +25,8 @@ SvdMethod = Literal["auto", "exact", "randomized"]
 class FlexLoraStrategy(Strategy):
     """Best rank-R approximation of ``sum_k p_k B'_k A'_k``, R = ``target_rank`` or ``max r_k``.
 
-    ``svd="exact"`` is the factored SVD (QR of the stacks, SVD of the ``sum r_k`` square core);
+    ``svd="exact"`` is the factored SVD (:func:`~hf_fedlora.linalg.factored_svd`: the R of a QR of
+    each stack, the leading triplets of the ``sum r_k`` square core);
     ``"randomized"`` a seeded randomised range finder on the implicit sum
     (:func:`~hf_fedlora.linalg.randomized_factored_svd`); ``"auto"`` (the default) tries the
     randomised one when the summed rank is at least ``4 (R + oversample)`` (below that the exact one
