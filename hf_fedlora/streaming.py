@@ -106,11 +106,11 @@ class _DenseSum:
 
 class _ClientData:
     """Every tensor of one client, read once and checked finite: LoRA factors keyed as in the output
-    (for rules of running sums without a check of their own, the stored ones with ``sqrt(s)``,
-    folded as they are added; for the others folded, float32), LoRA bias updates (``s * bias``),
-    DoRA magnitudes and extras."""
+    (for rules of running sums, the stored ones with ``sqrt(s)``, folded into a reused buffer for
+    the rule's own check and again as they are added; for rules that keep their inputs, folded,
+    float32), LoRA bias updates (``s * bias``), DoRA magnitudes and extras."""
 
-    def __init__(self, adapter: LoraAdapter, strategy: Strategy):
+    def __init__(self, adapter: LoraAdapter, strategy: Strategy, scratch: Scratch):
         self.stored: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         keeps_folded = strategy.retains_inputs
@@ -124,15 +124,23 @@ class _ClientData:
             # on failure the checked read raises aggregate_adapters' error
             if not _folds_finite((a, b), root):
                 adapter.folded_factors(module)
-            if keeps_folded or checks:
-                folded = fold(a, b, scale)
+            if checks:  # the rule's check sees the folded factors; a rule that keeps them gets these
+                folded = (
+                    fold(a, b, scale)
+                    if keeps_folded
+                    else (scratch.fold("a", a, a.shape, root), scratch.fold("b", b, b.shape, root))
+                )
                 try:
                     strategy.check_factors(module, *folded)
                 except AdapterError as exc:
                     raise type(exc)(f"{adapter.where}: {exc}") from exc
-                self.folded[module] = folded  # folded once, for the check and the rule
+                if keeps_folded:
+                    self.folded[module] = folded
+                    continue
+            elif keeps_folded:
+                self.folded[module] = fold(a, b, scale)
                 continue
-            self.stored[module] = (a, b, root)
+            self.stored[module] = (a, b, root)  # folded again as it is added: one client in float32 at most
         self.dense: dict[str, torch.Tensor] = {}
         for module in adapter.modules:
             if module in adapter.layout.biases:
@@ -281,7 +289,7 @@ class StreamingAggregator:
         # read every tensor once and check every value before the running state changes
         if self.record_sha256:
             adapter.hash_reads()
-        data = _ClientData(adapter, self.strategy)
+        data = _ClientData(adapter, self.strategy, self._scratch)
         record = {
             "source": describe_source(source),
             "ranks": sorted(set(adapter.ranks.values())),

@@ -327,10 +327,12 @@ def test_peak_memory_of_running_sums_does_not_grow_with_the_clients(tmp_path, re
     folders = _write_memory_clients(tmp_path, 40)
     client_bytes = 2 * HIDDEN * 40 * MODULES * 4  # one client of mean rank 40, float32
     tolerance = 4 * client_bytes  # allocator slack: far below the 32 clients more of the second run
-    runs = [(s, f) for s in ("replication", "flexlora") for f in (folders[:8], folders)]
-    few, many, stacked_few, stacked_many = _peak_growths(runs)
+    runs = [(s, f) for s in ("replication", "hetlora", "flexlora") for f in (folders[:8], folders)]
+    few, many, normed_few, normed_many, stacked_few, stacked_many = _peak_growths(runs)
     record_property("peak_rss_growth_replication_8_40", [few, many])
+    record_property("peak_rss_growth_hetlora_8_40", [normed_few, normed_many])
     record_property("peak_rss_growth_flexlora_8_40", [stacked_few, stacked_many])
     assert many - few < tolerance, (few, many)
+    assert normed_many - normed_few < tolerance, (normed_few, normed_many)
     # the control: flexlora keeps every client's folded factors, so its peak grows with them
     assert stacked_many - stacked_few > 20 * client_bytes, (stacked_few, stacked_many)
