@@ -56,14 +56,16 @@ def factored_svd(
     # M = Q_b R_b R_a^T Q_a^T; with C = R_b R_a^T = U S V^T, M's singular vectors are Q_b U and
     # Q_a V, and since R_b^{-1} U = R_a^T V S^{-1} (and R_a^{-1} V = R_b^T U S^{-1}), neither Q is formed:
     # B' = B R_a^T V S^{-1/2} and A' = S^{-1/2} U^T R_b A
-    r_b = torch.linalg.qr(b_stack, mode="r").R.double()
-    r_a = torch.linalg.qr(a_stack.T, mode="r").R.double()
-    u, s, vh = top_singular(r_b @ r_a.T, rank)  # the small core in float64
+    r_b = torch.linalg.qr(b_stack, mode="r").R
+    r_a = torch.linalg.qr(a_stack.T, mode="r").R
+    # the core's product in float32 (its inputs' precision), its leading triplets in float64
+    u, s, vh = top_singular((r_b @ r_a.T).double(), rank)
     keep = int((s > s[0] * NEGLIGIBLE_SINGULAR).sum()) if s.numel() and s[0] > 0 else 0
     inv_root = s[:keep].rsqrt()
-    b = (b_stack.double() @ (r_a.T @ vh[:keep].T)) * inv_root
-    a = inv_root[:, None] * ((u[:, :keep].T @ r_b) @ a_stack.double())
-    return pad_rows(a.float(), rank), pad_cols(b.float(), rank)
+    # the small s x keep products in float64, the wide ones in float32 like the factors
+    b = b_stack @ ((r_a.double().T @ vh[:keep].T) * inv_root).float()
+    a = (inv_root[:, None] * (u[:, :keep].T @ r_b.double())).float() @ a_stack
+    return pad_rows(a, rank), pad_cols(b, rank)
 
 
 NEGLIGIBLE_SINGULAR = 1e-7

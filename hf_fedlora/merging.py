@@ -1,14 +1,15 @@
 """The module loop of ``aggregate_adapters``: read, fold, merge and check one module at a time.
 
-Reads run one module ahead on a helper thread (file reads and hashing release the GIL), in file
-order, so each client's provenance sha256 is computed from the same bytes as its tensors
-(``LoraAdapter.hash_reads``) instead of a second pass over every file. Rules that only add the
-factors into running sums (``Strategy.retains_inputs = False``) get each client's factors converted
-into one reused float32 buffer, with ``sqrt(s)`` to fold into their add (``Strategy.fold_in_scaled``;
-folded first when a target rank cuts clients, so each input is checked finite); the others get
-every client's folded factors of the module at once (``aggregate_module``). Peak memory: the
-output, two modules' stored inputs and one module's folded inputs (one client's for the
-running-sum rules).
+Files are read in order, so each client's provenance sha256 is computed from the same bytes as its
+tensors (``LoraAdapter.hash_reads``) instead of a second pass over every file. Rules that only add
+the factors into running sums (``Strategy.retains_inputs = False``) whose inputs need no check one
+by one get a module's clients in chunks of one rank (:mod:`hf_fedlora.rank_groups`), converted into
+one reused float32 buffer and added with ``sqrt(s)`` in the weights (``Strategy.fold_in_many``);
+peak memory: the output and a few chunks. When a target rank cuts clients (each input is then
+checked finite after folding) or the rule keeps its inputs, the module's clients are read one
+module ahead on a helper thread (reads and hashing release the GIL) and folded one by one
+(``fold_in`` into a reused buffer) or all at once (``aggregate_module``); peak memory: the output,
+two modules' stored inputs and one module's folded inputs.
 """
 
 from __future__ import annotations
