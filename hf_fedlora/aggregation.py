@@ -278,7 +278,6 @@ def aggregate_adapters(
         prior=prior,
         out_dtype=out_dtype,
         progress=progress,
-        reads_hashed=record_sha256,
     )
     for key in adapters[0].extras:
         state[key] = _dense_extra(adapters, key, p)

@@ -26,7 +26,7 @@ from .adapters import LoraAdapter
 from .adapters.keys import bias_key, magnitude_key
 from .adapters.validate import check_finite
 from .errors import AdapterError, NonFiniteTensorError
-from .rank_groups import ReadAhead, read_ahead_pays
+from .rank_groups import ReadAhead, chunks_pay
 from .strategies import ModuleInputs, Strategy
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -82,6 +82,12 @@ def _is_incremental(strategy: Strategy) -> bool:
     """Whether the module loop folds clients in one by one (a rule of running sums) rather than
     handing ``aggregate_module`` every client's factors at once."""
     return not strategy.retains_inputs and type(strategy).aggregate_module is Strategy.aggregate_module
+
+
+def _adds_many(strategy: Strategy) -> bool:
+    """Whether the rule keeps running sums and adds clients of one rank at once with one weighted
+    sum (its own ``Strategy.fold_in_many``), e.g. the padding rules and fedavg."""
+    return _is_incremental(strategy) and type(strategy).fold_in_many is not Strategy.fold_in_many
 
 
 def _fresh_fold(which: str, raw: torch.Tensor, shape: tuple[int, int], root: float) -> torch.Tensor:
@@ -197,16 +203,15 @@ def merge_modules(
     prior: LoraAdapter | None,
     out_dtype: torch.dtype,
     progress: bool = False,
-    reads_hashed: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Every LoRA module of ``adapters`` (checked compatible) merged by ``strategy`` with the
     normalised weights ``p``: the output tensors keyed as PEFT saves them, and each module's rank.
 
-    A rule of running sums whose inputs need no check one by one gets each module's clients in
-    chunks of one rank (``Strategy.fold_in_many``), read ahead on a helper thread when that pays
-    (``reads_hashed``: the reads also feed each file's sha256; or large chunks; see
-    :mod:`hf_fedlora.rank_groups`); other rules get a module's clients at once, the next module
-    read ahead.
+    A rule with its own ``Strategy.fold_in_many`` whose inputs need no check one by one gets each
+    module's clients in chunks of one rank when those are large enough to pay
+    (:func:`~hf_fedlora.rank_groups.chunks_pay`), read ahead on a helper thread; otherwise every
+    client's factors of a module are read one module ahead and folded one by one (running sums)
+    or handed over at once (``aggregate_module``).
 
     Raises:
         NonFiniteTensorError: naming the client whose factors hold NaN/Inf (stored or once folded),
@@ -225,10 +230,9 @@ def merge_modules(
         if len(adapters) <= MAX_HELD_FILES:  # one descriptor per client for the whole merge
             for adapter in adapters:
                 files.enter_context(adapter.held_open())
-        if not check and _is_incremental(strategy):
+        if not check and _adds_many(strategy) and chunks_pay(adapters, modules):
             # closed before the files: the helper stops reading first
-            threaded = read_ahead_pays(adapters, modules, reads_hashed)
-            reader = files.enter_context(ReadAhead(adapters, modules, threaded))
+            reader = files.enter_context(ReadAhead(adapters, modules))
             merged = _merge_by_rank(reader, adapters, strategy, p, target_rank, prior)
         else:  # closed (its helper stopped) before the files
             merged = files.enter_context(
@@ -300,7 +304,6 @@ def _merge_by_rank(
     """Each module of a running-sum rule merged from its clients' chunks of one rank
     (``Strategy.fold_in_many``), the scale folded into the sums' weights."""
     weights = p.tolist()
-    batched = type(strategy).fold_in_many is not Strategy.fold_in_many
     buffers: dict[str, torch.Tensor] = {}  # one float32 stack per factor, reused for every chunk
     sums = None
     for chunk in chunks:
@@ -315,14 +318,8 @@ def _merge_by_rank(
         a, b = chunk.float32(buffers)
         members = [adapters[k] for k in chunk.clients]
         roots = [math.sqrt(adapter.scale(module)) for adapter in members]
-        chunk_weights = [weights[k] for k in chunk.clients]
-        if not batched:  # a rule without its own fold_in_many: one client at a time, each named on error
-            for i, adapter in enumerate(members):
-                with _naming([adapter], module):
-                    strategy.fold_in_scaled(sums, a[i], b[i], chunk_weights[i], roots[i])
-        else:
-            with _naming(members, module):
-                strategy.fold_in_many(sums, a, b, chunk_weights, roots)
+        with _naming(members, module):
+            strategy.fold_in_many(sums, a, b, [weights[k] for k in chunk.clients], roots)
         chunks.release(chunk)
 
 

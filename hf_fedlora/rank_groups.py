@@ -4,7 +4,7 @@ A rule of running sums adds n clients of one rank with one weighted sum per fact
 (``Strategy.fold_in_many``) instead of n small adds: far fewer passes over memory and calls. A
 helper thread reads each chunk's factors straight into one reused stack per factor (and feeds the
 provenance hash) while the merging thread converts the chunk before to float32, in one buffer it
-reuses, and adds it; with small chunks and no hash, the merging thread reads them itself. Chunks live in :data:`BUFFER_SETS` reused sets of buffers, so memory is bounded
+reuses, and adds it. Chunks live in :data:`BUFFER_SETS` reused sets of buffers, so memory is bounded
 and page-faulted once, whatever the number of clients.
 """
 
@@ -24,9 +24,10 @@ CHUNK_ELEMENTS = 1 << 22
 """At most this many values per chunk (16 MiB in float32), unless one client alone has more."""
 BUFFER_SETS = 4
 """Chunks in memory at once with a helper thread: being read, waiting (two), being merged."""
-THREAD_MIN_CHUNK_BYTES = 2 << 20
-"""Read ahead on a helper thread when the chunks average at least this many bytes (or the reads
-also hash); below, the merging thread reads each chunk itself (:class:`ReadAhead`)."""
+MIN_CHUNK_BYTES = 2 << 20
+"""Merge in chunks when a module's clients of one rank average at least this many bytes
+(:func:`chunks_pay`; measured in ``benchmarks/bench_aggregation.py``: at 10 clients of ranks 8-64,
+about 1 MiB, adding them one by one is faster)."""
 
 
 @dataclass
@@ -110,14 +111,10 @@ def rank_chunks(adapters: Sequence[LoraAdapter], modules: Sequence[str], take_bu
 
 
 class ReadAhead:
-    """The chunks of :func:`rank_chunks`, produced on a helper thread (``threaded``) into
-    :data:`BUFFER_SETS` reused sets of buffers, else on demand in the merging thread. The helper's
-    exception is raised where its chunk would have come. Leave the ``with`` block to stop the helper
-    (before the files it reads are closed).
-
-    The helper pays off when each chunk is large or its reads also hash: every torch call of the
-    merging thread hands the GIL over, and with small chunks those hand-overs cost more than the
-    reads they overlap (measured in ``benchmarks/bench_aggregation.py``)."""
+    """The chunks of :func:`rank_chunks`, produced on a helper thread (``threaded``, the default)
+    into :data:`BUFFER_SETS` reused sets of buffers, else on demand in the merging thread. The
+    helper's exception is raised where its chunk would have come. Leave the ``with`` block to stop
+    the helper (before the files it reads are closed)."""
 
     _END = object()
 
@@ -179,10 +176,8 @@ class _Stopped(Exception):
     """The merge ended before the helper thread read everything."""
 
 
-def read_ahead_pays(adapters: Sequence[LoraAdapter], modules: Sequence[str], hashed: bool) -> bool:
-    """Whether to read chunks on a helper thread: the reads also hash, or the chunks (a module's
-    clients of one rank) average at least :data:`THREAD_MIN_CHUNK_BYTES`."""
-    if hashed:
-        return True
+def chunks_pay(adapters: Sequence[LoraAdapter], modules: Sequence[str]) -> bool:
+    """Whether a module's clients of one rank hold, on average, at least :data:`MIN_CHUNK_BYTES`:
+    below, the calls and GIL hand-overs per chunk cost more than adding the clients one by one."""
     groups = sum(len({a.factor_shapes(m)[0][0] for a in adapters}) for m in modules)
-    return sum(a.num_bytes() for a in adapters) >= THREAD_MIN_CHUNK_BYTES * max(1, groups)
+    return sum(a.num_bytes() for a in adapters) >= MIN_CHUNK_BYTES * max(1, groups)

@@ -53,7 +53,13 @@ def test_chunks_of_any_size_with_or_without_the_helper_thread_give_the_rule(
 ) -> None:
     """One client per chunk or whole rank groups, read ahead or not: the float64 reference."""
     monkeypatch.setattr(rank_groups, "CHUNK_ELEMENTS", chunk_elements)
-    monkeypatch.setattr(rank_groups, "THREAD_MIN_CHUNK_BYTES", 0 if threaded else 1 << 60)
+    monkeypatch.setattr(rank_groups, "MIN_CHUNK_BYTES", 0)
+    original = rank_groups.ReadAhead.__init__
+    monkeypatch.setattr(
+        rank_groups.ReadAhead,
+        "__init__",
+        lambda self, a, m, threaded=threaded: original(self, a, m, threaded),
+    )
     weights = [1.0, 3.0, 0.5, 2.0, 1.5, 1.0]
     merged = aggregate_adapters(
         clients, "zero_padding", weights=weights, record_sha256=False, dtype=torch.float32
@@ -81,7 +87,7 @@ def test_clients_stored_in_different_dtypes_are_merged_in_float32(clients, tmp_p
 def test_a_failed_read_on_the_helper_thread_names_the_client_and_stops_the_thread(
     clients, monkeypatch
 ) -> None:
-    monkeypatch.setattr(rank_groups, "THREAD_MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(rank_groups, "MIN_CHUNK_BYTES", 0)
     bad = LoraAdapter.from_pretrained(clients[3])
     original = bad.lora_factors
     calls = []
