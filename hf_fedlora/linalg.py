@@ -49,7 +49,7 @@ def factored_svd(
     if b_stack.shape[1] >= min(b_stack.shape[0], a_stack.shape[1]):
         # the stacked rank reaches the layer's size: the dense SVD is no more expensive
         u, s, vh = torch.linalg.svd((b_stack.double() @ a_stack.double()), full_matrices=False)
-        keep = min(rank, s.shape[0])
+        keep = _kept(s[:rank])
         root = s[:keep].sqrt()
         b, a = u[:, :keep] * root, root[:, None] * vh[:keep]
         return pad_rows(a.float(), rank), pad_cols(b.float(), rank)
@@ -58,9 +58,13 @@ def factored_svd(
     # B' = B R_a^T V S^{-1/2} and A' = S^{-1/2} U^T R_b A
     r_b = torch.linalg.qr(b_stack, mode="r").R
     r_a = torch.linalg.qr(a_stack.T, mode="r").R
-    # the core's product in float32 (its inputs' precision), its leading triplets in float64
-    u, s, vh = top_singular((r_b @ r_a.T).double(), rank)
-    keep = int((s > s[0] * NEGLIGIBLE_SINGULAR).sum()) if s.numel() and s[0] > 0 else 0
+    # the core's product in float32 (its inputs' precision) unless that overflows, its leading
+    # triplets in float64
+    core = r_b @ r_a.T
+    if not torch.isfinite(core).all():
+        core = r_b.double() @ r_a.double().T
+    u, s, vh = top_singular(core.double(), rank)
+    keep = _kept(s)
     inv_root = s[:keep].rsqrt()
     # the small s x keep products in float64, the wide ones in float32 like the factors
     b = b_stack @ ((r_a.double().T @ vh[:keep].T) * inv_root).float()
@@ -73,6 +77,15 @@ NEGLIGIBLE_SINGULAR = 1e-7
 (their share of the energy is under ``1e-14``; their directions are not resolvable in float32)."""
 
 
+def _kept(s: torch.Tensor) -> int:
+    """How many of the descending singular values ``s`` :func:`factored_svd` keeps; a NaN or Inf
+    among them (non-finite inputs) raises ``RuntimeError``, as a failed SVD does, so the caller
+    names the client instead of returning a silent zero module."""
+    if not torch.isfinite(s).all():
+        raise RuntimeError("factored_svd: the sum's singular values are not finite (NaN/Inf in its factors)")
+    return int((s > s[0] * NEGLIGIBLE_SINGULAR).sum()) if s.numel() and s[0] > 0 else 0
+
+
 PARTIAL_EIGH_MIN_SIZE = 256
 """From this core size on, :func:`top_singular` computes only the leading triplets when they are at
 most a quarter of the core."""
@@ -82,24 +95,31 @@ def top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     """The ``rank`` leading singular triplets ``(U, S, Vh)`` of a float64 matrix, as
     ``torch.linalg.svd`` truncated to ``rank`` would give them (descending ``S``).
 
-    A full SVD costs the whole spectrum; when few triplets of a large core are wanted, only the
-    leading eigenpairs of the Gram ``C C^T`` are computed (LAPACK's MRRR, ``syevr``, on an index
-    range), and ``Vh = U^T C / S``. The rank-``rank`` product ``U S Vh = U U^T C`` is then the exact
+    A full SVD costs the whole spectrum; when few triplets of a large core are wanted and scipy is
+    installed, only the leading eigenpairs of the Gram ``C C^T`` are computed (LAPACK's MRRR,
+    ``syevr``, on an index range), and ``Vh = U^T C / S``. The rank-``rank`` product ``U S Vh = U U^T C`` is then the exact
     projection of ``C`` on those directions whatever the rounding of ``S``; float64 keeps the
     eigenvalues to ``1e-16 ||C||^2``.
     """
     size = min(core.shape)
     keep = min(rank, size)
-    if size < PARTIAL_EIGH_MIN_SIZE or 4 * keep > size:
+    try:
+        import scipy.linalg  # the `recipes` extra; without it, the full SVD
+    except ImportError:
+        scipy = None
+    if scipy is None or keep == 0 or size < PARTIAL_EIGH_MIN_SIZE or 4 * keep > size:
         u, s, vh = torch.linalg.svd(core, full_matrices=False)
         return u[:, :keep], s[:keep], vh[:keep]
-    import scipy.linalg  # a dependency; imported here only for the cores that need it
-
     tall = core.shape[0] > core.shape[1]
     c = core.T if tall else core  # the Gram of the shorter side
-    gram = (c @ c.T).numpy()
+    gram = c @ c.T
+    if not torch.isfinite(gram).all():
+        raise RuntimeError("top_singular: the core is not finite (NaN/Inf in its factors)")
     values, vectors = scipy.linalg.eigh(
-        gram, subset_by_index=[gram.shape[0] - keep, gram.shape[0] - 1], driver="evr"
+        gram.numpy(),
+        subset_by_index=[gram.shape[0] - keep, gram.shape[0] - 1],
+        driver="evr",
+        check_finite=False,
     )
     values, vectors = torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
     s = values.clamp(min=0.0).sqrt()

@@ -33,7 +33,8 @@ about 1 MiB, adding them one by one is faster)."""
 @dataclass
 class RankChunk:
     """Clients ``clients`` (indices) of one rank for ``module``: their stored factors as stacks
-    ``[n, r, in]`` and ``[n, out, r]`` in their storage dtype, in the reused ``buffers`` (hand them back with :meth:`ReadAhead.release`). No clients: the module ends."""
+    ``[n, r, in]`` and ``[n, out, r]`` in their storage dtype (float32 when they differ), in the
+    reused ``buffers`` (hand them back with :meth:`ReadAhead.release`). No clients: the module ends."""
 
     module: str
     clients: list[int]
@@ -131,12 +132,12 @@ class ReadAhead:
             self._thread.start()
 
     def _take(self) -> dict[str, torch.Tensor]:
-        while True:
+        while not self._stop.is_set():  # checked first: no read after the merge has stopped
             try:
                 return self._free.get(timeout=0.1)
             except queue.Empty:
-                if self._stop.is_set():
-                    raise _Stopped from None
+                continue
+        raise _Stopped
 
     def _run(self) -> None:
         try:

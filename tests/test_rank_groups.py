@@ -121,3 +121,33 @@ def test_factors_read_into_given_buffers_are_views_of_them(clients, stored_in_me
         torch.testing.assert_close(tensor, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="bytes"):
         adapter.lora_factors(module, out=(a_out[:-1], b_out))
+
+
+def test_a_failed_store_on_the_merging_thread_stops_the_helper(clients, monkeypatch) -> None:
+    """The merged module overflows float16 while the helper reads ahead: the error names the
+    module and the helper thread is gone when aggregate_adapters returns."""
+    from hf_fedlora import NonFiniteTensorError
+
+    monkeypatch.setattr(rank_groups, "MIN_CHUNK_BYTES", 0)
+    big = []
+    for i, folder in enumerate(clients):
+        adapter = LoraAdapter.from_pretrained(folder)
+        state = {k: v * 1e6 if ".lora_" in k else v for k, v in adapter.state_dict().items()}
+        big.append(LoraAdapter.from_state_dict(adapter.config, state, label=f"big{i}"))
+    with pytest.raises(NonFiniteTensorError, match="merged module"):
+        aggregate_adapters(big, "zero_padding", dtype=torch.float16, record_sha256=False)
+    assert not [t for t in threading.enumerate() if t.name == "hf-fedlora-read"]
+
+
+def test_out_must_be_a_contiguous_uint8_buffer(clients) -> None:
+    adapter = LoraAdapter.from_pretrained(clients[0])
+    module = adapter.modules[0]
+    a, b = adapter.lora_factors(module)
+    nbytes = a.numel() * a.element_size(), b.numel() * b.element_size()
+    with pytest.raises(ValueError, match="uint8"):
+        adapter.lora_factors(
+            module, out=(torch.zeros(nbytes[0] // 4), torch.zeros(nbytes[1], dtype=torch.uint8))
+        )
+    with pytest.raises(ValueError, match="contiguous"):
+        spread = torch.zeros(2 * nbytes[0], dtype=torch.uint8)[::2]
+        adapter.lora_factors(module, out=(spread, torch.zeros(nbytes[1], dtype=torch.uint8)))

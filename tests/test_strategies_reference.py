@@ -312,3 +312,34 @@ def test_top_singular_equals_the_truncated_svd(shape):
     )
     torch.testing.assert_close(u.T @ u, torch.eye(20, dtype=torch.float64))
     torch.testing.assert_close(vh @ vh.T, torch.eye(20, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("clients", [2, 20])  # a core of 32 (full SVD) and of 320 (partial eigen-solve)
+def test_factored_svd_refuses_non_finite_factors(clients):
+    """A NaN in one client's factors raises (the merge then names the client), never a silent
+    zero module."""
+    from hf_fedlora.linalg import factored_svd
+
+    gen = torch.Generator().manual_seed(5)
+    bs = [torch.randn(600, 16, generator=gen) for _ in range(clients)]
+    as_ = [torch.randn(16, 500, generator=gen) for _ in range(clients)]
+    as_[1][3, 7] = float("nan")
+    with pytest.raises(RuntimeError):
+        factored_svd(bs, as_, 8)
+
+
+def test_factored_svd_without_scipy_takes_the_full_svd(monkeypatch):
+    """scipy is optional (the `recipes` extra): without it the core's triplets come from the full SVD."""
+    import sys
+
+    from hf_fedlora.linalg import factored_svd
+
+    gen = torch.Generator().manual_seed(6)
+    bs = [torch.randn(600, 16, generator=gen) for _ in range(20)]
+    as_ = [torch.randn(16, 500, generator=gen) for _ in range(20)]
+    with_scipy = factored_svd(bs, as_, 8)
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    without = factored_svd(bs, as_, 8)
+    product = lambda pair: pair[1].double() @ pair[0].double()  # noqa: E731
+    torch.testing.assert_close(product(without), product(with_scipy), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +75,8 @@ class MemoryStore:
 
 def _view_bytes(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The uint8 tensor ``out`` seen as a ``dtype`` tensor of ``shape`` (sizes checked)."""
+    if out.dtype != torch.uint8 or not out.is_contiguous():
+        raise ValueError(f"`out` must be a contiguous uint8 tensor, got {out.dtype}.")
     if out.numel() != torch.Size(shape).numel() * dtype.itemsize:
         raise ValueError(
             f"`out` holds {out.numel()} bytes; a {dtype} tensor of shape {tuple(shape)} needs another size."
@@ -158,8 +161,13 @@ class SafetensorsStore:
         self, keys: list[str], first: int, last: int, out: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         where = f"{self._where}, file '{self.path.name}': tensor `{keys[0]}`"
-        if out is not None and out.numel() != last - first:
-            raise ValueError(f"{where}: `out` holds {out.numel()} bytes, the tensor {last - first}.")
+        if out is not None and (
+            out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() != last - first
+        ):
+            raise ValueError(
+                f"{where}: `out` must be a contiguous uint8 tensor of {last - first} bytes, "
+                f"got {out.dtype} of {out.numel()} values."
+            )
         # filled by the read: not zeroed first
         buffer = numpy.empty(last - first, dtype=numpy.uint8) if out is None else out.numpy()
         try:
@@ -218,7 +226,8 @@ class FileSha256:
 
     Bytes fed at the current end of the hashed prefix extend it; a gap before a read is read and
     hashed first; a read behind the prefix (out of order) makes :meth:`hexdigest` hash the whole file
-    again, so the digest is always that of the file's bytes.
+    again, so the digest is always that of the file's bytes. Reads may come from two threads (the
+    merge's read-ahead and the merging thread's dense terms): each feed holds a lock.
     """
 
     def __init__(self, path: Path, where: str):
@@ -226,15 +235,17 @@ class FileSha256:
         self._digest = hashlib.sha256()
         self._done = 0
         self._in_order = True
+        self._lock = threading.Lock()
 
     def feed(self, offset: int, data: bytes | bytearray | numpy.ndarray) -> None:
-        if not self._in_order or offset < self._done:
-            self._in_order = False
-            return
-        if offset > self._done:
-            self._hash_range(self._done, offset)
-        self._digest.update(data)
-        self._done = offset + len(data)
+        with self._lock:
+            if not self._in_order or offset < self._done:
+                self._in_order = False
+                return
+            if offset > self._done:
+                self._hash_range(self._done, offset)
+            self._digest.update(data)
+            self._done = offset + len(data)
 
     def _hash_range(self, start: int, end: int | None) -> None:
         fd = open_regular(self.path, self._where)
@@ -249,10 +260,11 @@ class FileSha256:
         self._done = start
 
     def hexdigest(self) -> str:
-        if not self._in_order:
-            return sha256_file(self.path)
-        self._hash_range(self._done, None)
-        return self._digest.hexdigest()
+        with self._lock:
+            if not self._in_order:
+                return sha256_file(self.path)
+            self._hash_range(self._done, None)
+            return self._digest.hexdigest()
 
 
 def load_pickle(path: Path, label: str) -> MemoryStore:

@@ -170,8 +170,9 @@ class Strategy(ABC):
         self, state: Any, a: torch.Tensor, b: torch.Tensor, weights: list[float], roots: list[float]
     ) -> None:
         """:meth:`fold_in_scaled` of n clients of one rank at once: ``a`` is ``[n, r, in]``, ``b``
-        ``[n, out, r]`` (float32, not yet multiplied by ``roots``; the rule may modify them), client k
-        with ``weights[k]`` and ``roots[k]``. The default folds them in one by one; rules of running
+        ``[n, out, r]`` (float32, not yet multiplied by ``roots``; the rule may modify them but must
+        not keep them: they are reused for the next clients), client k with ``weights[k]`` and
+        ``roots[k]``. The default folds them in one by one; rules of running
         sums override it with one weighted sum per factor, far fewer passes over memory."""
         for k, (weight, root) in enumerate(zip(weights, roots)):
             self.fold_in_scaled(state, a[k], b[k], weight, root)
