@@ -450,13 +450,14 @@ NOTES = [
     "hash (`read+sha256`) reads each file once into memory, takes its sha256 from that buffer and makes every "
     "tensor from it (`frombuffer`, no further copy).",
     "Strategy, floor and dense SVD cases run torch on one thread (the machine has 2 cores shared with other "
-    "jobs, where a loaded intra-op pool thrashes); `aggregate_adapters` still reads the next module on its "
-    "helper thread while it merges the current one.",
+    "jobs, where a loaded intra-op pool thrashes); `aggregate_adapters` still reads ahead on its helper "
+    "thread while it merges.",
     "`tensor bytes` is the size of every input tensor, which each strategy reads once with positioned reads "
     "(`preadv`, no memory map); `read() bytes` is everything read through read() calls: those tensor reads "
     "and, for the provenance sha256, only the bytes no tensor read covered (the header).",
     "`ru_maxrss` is the growth of the process's peak resident set over the baseline; `peak anon` (sampled every "
-    "2 ms) is the anonymous memory the process owns.",
+    "2 ms, in one more call after the timed ones: the sampler's thread would slow them) is the anonymous "
+    "memory the process owns.",
     "PEFT times cover `add_weighted_adapter` only (adapters already loaded into a PeftModel holding just the "
     "sampled Linear layers) and are EXTRAPOLATED linearly from the stated modules to all modules.",
     "Each strategy, I/O floor and PEFT case ran in a fresh subprocess (except the in-process `smoke` preset).",
