@@ -222,19 +222,15 @@ def case_strategy(spec: dict) -> dict:
         gc.collect()
 
     try:
+        # the first call, untimed, gives the peak memory (the sampler's thread would slow timed calls,
+        # and later calls start from a heap the first one grew) and the bytes read from storage
         io0 = io_counters()
-        first = repeat_timed(run, 1, cleanup=release)
-        io1 = io_counters()
-        times = (
-            first + repeat_timed(run, spec["repeats"] - 1, spec["max_seconds"] - first[0], cleanup=release)
-            if spec["repeats"] > 1 and first[0] < spec["max_seconds"]
-            else first
-        )
-        no_hash = repeat_timed(run_unhashed, spec["repeats"], spec["max_seconds"], cleanup=release)
-        # the peak in one more, untimed call: the sampler's thread would slow the timed ones
         with AnonPeakSampler() as sampler:
             run()
             release()
+        io1 = io_counters()
+        times = repeat_timed(run, spec["repeats"], spec["max_seconds"], cleanup=release)
+        no_hash = repeat_timed(run_unhashed, spec["repeats"], spec["max_seconds"], cleanup=release)
     except hf_fedlora.AdapterError as exc:
         return {"status": "n/a", "reason": str(exc)}
     ranks = [int(json.load(open(os.path.join(d, "adapter_config.json")))["r"]) for d in dirs]

@@ -456,8 +456,8 @@ NOTES = [
     "(`preadv`, no memory map); `read() bytes` is everything read through read() calls: those tensor reads "
     "and, for the provenance sha256, only the bytes no tensor read covered (the header).",
     "`ru_maxrss` is the growth of the process's peak resident set over the baseline; `peak anon` (sampled every "
-    "2 ms, in one more call after the timed ones: the sampler's thread would slow them) is the anonymous "
-    "memory the process owns.",
+    "2 ms, in a first, untimed call: the sampler's thread would slow the timed ones) is the anonymous memory "
+    "the process owns.",
     "PEFT times cover `add_weighted_adapter` only (adapters already loaded into a PeftModel holding just the "
     "sampled Linear layers) and are EXTRAPOLATED linearly from the stated modules to all modules.",
     "Each strategy, I/O floor and PEFT case ran in a fresh subprocess (except the in-process `smoke` preset).",
