@@ -1,15 +1,15 @@
 """The module loop of ``aggregate_adapters``: read, fold, merge and check one module at a time.
 
 Files are read in order, so each client's provenance sha256 is computed from the same bytes as its
-tensors (``LoraAdapter.hash_reads``) instead of a second pass over every file. Rules that only add
-the factors into running sums (``Strategy.retains_inputs = False``) whose inputs need no check one
-by one get a module's clients in chunks of one rank (:mod:`hf_fedlora.rank_groups`), converted into
-one reused float32 buffer and added with ``sqrt(s)`` in the weights (``Strategy.fold_in_many``);
-peak memory: the output and a few chunks. When a target rank cuts clients (each input is then
-checked finite after folding) or the rule keeps its inputs, the module's clients are read one
-module ahead on a helper thread (reads and hashing release the GIL) and folded one by one
-(``fold_in`` into a reused buffer) or all at once (``aggregate_module``); peak memory: the output,
-two modules' stored inputs and one module's folded inputs.
+tensors (``LoraAdapter.hash_reads``) instead of a second pass over every file. A rule with its own
+``Strategy.fold_in_many`` (running sums: the padding rules, fedavg) whose inputs need no check one
+by one gets a module's clients in chunks of one rank when those hold 2 MiB or more on average
+(:mod:`hf_fedlora.rank_groups`): converted into one reused float32 buffer and added with
+``sqrt(s)`` in the weights; peak memory: the output and a few chunks. Otherwise a module's clients
+are read one module ahead on a helper thread (reads and hashing release the GIL) and folded in one
+by one (``fold_in_scaled`` into a reused buffer, or ``fold_in`` after a check when a target rank
+cuts clients) or handed over at once (``aggregate_module``); peak memory: the output, two modules'
+stored inputs and one module's folded inputs.
 """
 
 from __future__ import annotations
