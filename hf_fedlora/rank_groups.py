@@ -23,7 +23,7 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 CHUNK_ELEMENTS = 1 << 22
 """At most this many values per chunk (16 MiB in float32), unless one client alone has more."""
 BUFFER_SETS = 4
-"""Chunks in memory at once with a helper thread: being read, waiting (two), being merged."""
+"""Chunks in memory at once: being read, waiting (two), being merged."""
 MIN_CHUNK_BYTES = 2 << 20
 """Merge in chunks when a module's clients of one rank average at least this many bytes
 (:func:`chunks_pay`; measured in ``benchmarks/bench_aggregation.py``: at 10 clients of ranks 8-64,
@@ -112,24 +112,21 @@ def rank_chunks(adapters: Sequence[LoraAdapter], modules: Sequence[str], take_bu
 
 
 class ReadAhead:
-    """The chunks of :func:`rank_chunks`, produced on a helper thread (``threaded``, the default)
-    into :data:`BUFFER_SETS` reused sets of buffers, else on demand in the merging thread. The
-    helper's exception is raised where its chunk would have come. Leave the ``with`` block to stop
-    the helper (before the files it reads are closed)."""
+    """The chunks of :func:`rank_chunks`, produced on a helper thread into :data:`BUFFER_SETS`
+    reused sets of buffers. The helper's exception is raised where its chunk would have come. Leave
+    the ``with`` block to stop the helper (before the files it reads are closed)."""
 
     _END = object()
 
-    def __init__(self, adapters: Sequence[LoraAdapter], modules: Sequence[str], threaded: bool = True):
+    def __init__(self, adapters: Sequence[LoraAdapter], modules: Sequence[str]):
         self._free: queue.Queue = queue.Queue()
-        for _ in range(BUFFER_SETS if threaded else 1):
+        for _ in range(BUFFER_SETS):
             self._free.put({})
+        self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._chunks = rank_chunks(adapters, modules, self._take)
-        self._thread = None
-        if threaded:
-            self._ready: queue.Queue = queue.Queue()
-            self._thread = threading.Thread(target=self._run, name="hf-fedlora-read", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="hf-fedlora-read", daemon=True)
+        self._thread.start()
 
     def _take(self) -> dict[str, torch.Tensor]:
         while not self._stop.is_set():  # checked first: no read after the merge has stopped
@@ -150,9 +147,6 @@ class ReadAhead:
             self._ready.put(exc)
 
     def __iter__(self) -> Iterator[RankChunk]:
-        if self._thread is None:
-            yield from self._chunks
-            return
         while (item := self._ready.get()) is not self._END:
             if isinstance(item, BaseException):
                 raise item
@@ -169,8 +163,7 @@ class ReadAhead:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
 
 
 class _Stopped(Exception):

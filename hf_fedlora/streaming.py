@@ -124,23 +124,17 @@ class _ClientData:
             # on failure the checked read raises aggregate_adapters' error
             if not _folds_finite((a, b), root):
                 adapter.folded_factors(module)
-            if checks:  # the rule's check sees the folded factors; a rule that keeps them gets these
-                folded = (
-                    fold(a, b, scale)
-                    if keeps_folded
-                    else (scratch.fold("a", a, a.shape, root), scratch.fold("b", b, b.shape, root))
-                )
+            if keeps_folded:  # folded once, for the rule's check and the rule
+                folded = self.folded[module] = fold(a, b, scale)
+            elif checks:  # folded into the reused buffer for the check, again as it is added
+                folded = (scratch.fold("a", a, a.shape, root), scratch.fold("b", b, b.shape, root))
+            if keeps_folded or checks:
                 try:
                     strategy.check_factors(module, *folded)
                 except AdapterError as exc:
                     raise type(exc)(f"{adapter.where}: {exc}") from exc
-                if keeps_folded:
-                    self.folded[module] = folded
-                    continue
-            elif keeps_folded:
-                self.folded[module] = fold(a, b, scale)
-                continue
-            self.stored[module] = (a, b, root)  # folded again as it is added: one client in float32 at most
+            if not keeps_folded:
+                self.stored[module] = (a, b, root)  # one client in float32 at most
         self.dense: dict[str, torch.Tensor] = {}
         for module in adapter.modules:
             if module in adapter.layout.biases:

@@ -74,14 +74,17 @@ class MemoryStore:
 
 
 def _view_bytes(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The uint8 tensor ``out`` seen as a ``dtype`` tensor of ``shape`` (sizes checked)."""
-    if out.dtype != torch.uint8 or not out.is_contiguous():
-        raise ValueError(f"`out` must be a contiguous uint8 tensor, got {out.dtype}.")
-    if out.numel() != torch.Size(shape).numel() * dtype.itemsize:
-        raise ValueError(
-            f"`out` holds {out.numel()} bytes; a {dtype} tensor of shape {tuple(shape)} needs another size."
-        )
+    """The uint8 tensor ``out`` seen as a ``dtype`` tensor of ``shape`` (checked)."""
+    _check_out(out, torch.Size(shape).numel() * dtype.itemsize, "`out`")
     return out.view(dtype).view(shape)
+
+
+def _check_out(out: torch.Tensor, nbytes: int, where: str) -> None:
+    """Refuse a read buffer that is not a contiguous uint8 tensor of exactly ``nbytes``."""
+    if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() != nbytes:
+        raise ValueError(
+            f"{where} must be a contiguous uint8 tensor of {nbytes} bytes, got {out.dtype} of {out.numel()} values."
+        )
 
 
 class SafetensorsStore:
@@ -161,13 +164,8 @@ class SafetensorsStore:
         self, keys: list[str], first: int, last: int, out: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         where = f"{self._where}, file '{self.path.name}': tensor `{keys[0]}`"
-        if out is not None and (
-            out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() != last - first
-        ):
-            raise ValueError(
-                f"{where}: `out` must be a contiguous uint8 tensor of {last - first} bytes, "
-                f"got {out.dtype} of {out.numel()} values."
-            )
+        if out is not None:
+            _check_out(out, last - first, f"{where}: `out`")
         # filled by the read: not zeroed first
         buffer = numpy.empty(last - first, dtype=numpy.uint8) if out is None else out.numpy()
         try:

@@ -172,8 +172,8 @@ class Strategy(ABC):
         """:meth:`fold_in_scaled` of n clients of one rank at once: ``a`` is ``[n, r, in]``, ``b``
         ``[n, out, r]`` (float32, not yet multiplied by ``roots``; the rule may modify them but must
         not keep them: they are reused for the next clients), client k with ``weights[k]`` and
-        ``roots[k]``. The default folds them in one by one; rules of running
-        sums override it with one weighted sum per factor, far fewer passes over memory."""
+        ``roots[k]``. The default folds them in one by one; rules of running sums override it with
+        one weighted sum per factor, far fewer passes over memory."""
         for k, (weight, root) in enumerate(zip(weights, roots)):
             self.fold_in_scaled(state, a[k], b[k], weight, root)
 

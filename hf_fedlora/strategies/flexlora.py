@@ -3,8 +3,9 @@ and Client Resources", NeurIPS 2024, https://arxiv.org/abs/2402.11505).
 
 Averages the clients' full updates ``sum_k p_k B_k A_k`` and redistributes them by SVD. We compute
 the SVD in factored form (the R of a QR of each stacked factor, the leading singular triplets of
-a ``sum r_k`` square core), which is exact and never builds the dense ``out x in`` matrix; at many clients, a randomised range finder on
-the same implicit sum, kept only where its certificate bounds its error.
+a ``sum r_k`` square core), which is exact and never builds the dense ``out x in`` matrix; at many
+clients, a randomised range finder on the same implicit sum, kept only where its certificate bounds
+its error.
 """
 
 from __future__ import annotations
