@@ -326,7 +326,9 @@ def _peak_growths(runs: list[tuple[str, list[str]]]) -> list[int]:
 def test_peak_memory_of_running_sums_does_not_grow_with_the_clients(tmp_path, record_property) -> None:
     folders = _write_memory_clients(tmp_path, 40)
     client_bytes = 2 * HIDDEN * 40 * MODULES * 4  # one client of mean rank 40, float32
-    tolerance = 4 * client_bytes  # allocator slack: far below the 32 clients more of the second run
+    # allocator slack (six interpreters at once; measured up to 4 clients' worth): a quarter of the
+    # 32 clients more of the second run, which a rule keeping its clients would add
+    tolerance = 8 * client_bytes
     runs = [(s, f) for s in ("replication", "hetlora", "flexlora") for f in (folders[:8], folders)]
     few, many, normed_few, normed_many, stacked_few, stacked_many = _peak_growths(runs)
     record_property("peak_rss_growth_replication_8_40", [few, many])
