@@ -24,6 +24,8 @@ from hf_fedlora import (
     aggregate_adapters,
     list_strategies,
 )
+from hf_fedlora.adapters.validate import check_finite, sum_is_finite
+from hf_fedlora.merging import cast_checked
 
 BASE = "base/model"
 DIM = 16
@@ -77,6 +79,21 @@ def test_a_float16_output_that_overflows_names_the_module():
         agg.result()
     merged = aggregate_adapters(big, "replication", dtype=torch.float32)  # float32 holds it
     assert torch.isfinite(merged.lora_factors(merged.modules[0])[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finite_checks_fall_back_to_every_value_when_a_sum_of_finite_values_overflows(dtype):
+    big = torch.full((64,), torch.finfo(dtype).max / 4, dtype=dtype)  # finite; 16x the max in total
+    # float16 is summed to a float32 result, which holds it; the others overflow and fall back
+    assert sum_is_finite(big) == (dtype == torch.float16)
+    check_finite(big, "client 0", "layer.lora_A.weight")  # every value finite: accepted
+    assert torch.equal(cast_checked(big.float(), dtype, "layer", "layer.lora_A.weight"), big)
+    big[3] = float("nan")
+    assert not sum_is_finite(big)
+    with pytest.raises(NonFiniteTensorError, match=r"client 0: tensor `layer\.lora_A\.weight` holds 1 NaN"):
+        check_finite(big, "client 0", "layer.lora_A.weight")
+    with pytest.raises(NonFiniteTensorError, match=r"merged module `layer`: tensor `k` holds 1 NaN"):
+        cast_checked(big.float(), dtype, "layer", "k")
 
 
 @pytest.mark.parametrize("mode", ["list", "stream"])

@@ -189,9 +189,19 @@ def _check_dense_terms(adapter: AdapterLayout, module: str, out_features: int, w
             )
 
 
+def sum_is_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s sum is finite, which proves every value finite (a NaN or Inf propagates);
+    ``False`` calls for an element-wise check, since a sum of huge finite values may overflow. One
+    reduction: float16 is summed to a float32 result (its own range is small); bfloat16 keeps its
+    dtype, whose range is float32's, because asking it for float32 costs a float32 copy."""
+    return bool(
+        torch.isfinite(tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum())
+    )
+
+
 def check_finite(tensor: torch.Tensor, where: str, key: str) -> None:
     """Refuse NaN or Inf in a client's tensor."""
-    if torch.isfinite(tensor.sum(dtype=torch.float32)):  # one cheap reduction; NaN/Inf propagate
+    if sum_is_finite(tensor):
         return
     if not torch.isfinite(tensor).all():  # the sum may overflow on huge finite values
         bad = int((~torch.isfinite(tensor)).sum())
