@@ -231,6 +231,9 @@ def case_strategy(spec: dict) -> dict:
         io1 = io_counters()
         times = repeat_timed(run, spec["repeats"], spec["max_seconds"], cleanup=release)
         no_hash = repeat_timed(run_unhashed, spec["repeats"], spec["max_seconds"], cleanup=release)
+        peak_rss_delta = max_rss_bytes() - base["maxrss"]  # before the inputs are loaded below
+        if spec.get("in_memory"):
+            info["time_in_memory"] = summarize(_time_in_memory(dirs, name, spec, held, release))
     except hf_fedlora.AdapterError as exc:
         return {"status": "n/a", "reason": str(exc)}
     ranks = [int(json.load(open(os.path.join(d, "adapter_config.json")))["r"]) for d in dirs]
@@ -241,7 +244,7 @@ def case_strategy(spec: dict) -> dict:
         "time": summarize(times),
         "time_no_hash": summarize(no_hash),
         "peak_anon_delta": sampler.delta,
-        "peak_rss_delta": max_rss_bytes() - base["maxrss"],
+        "peak_rss_delta": peak_rss_delta,
         "baseline_rss": base["VmRSS"],
         "rchar_per_run": io1["rchar"] - io0["rchar"],
         "storage_read_bytes_first_run": io1["read_bytes"] - io0["read_bytes"],
@@ -250,6 +253,28 @@ def case_strategy(spec: dict) -> dict:
         "torch_threads": torch.get_num_threads(),
         **info,
     }
+
+
+def _time_in_memory(dirs: list[str], name: str, spec: dict, held: list, release) -> list[float]:
+    """The merge of every client already in memory (``LoraAdapter.from_state_dict``), without the
+    provenance hash: no I/O at all, so what the rule's arithmetic and per-call work cost alone."""
+    from safetensors.torch import load_file
+
+    from hf_fedlora import LoraAdapter, aggregate_adapters
+
+    adapters = [
+        LoraAdapter.from_state_dict(
+            LoraAdapter.from_pretrained(d).config, load_file(os.path.join(d, "adapter_model.safetensors"))
+        )
+        for d in dirs
+    ]
+
+    def run_in_memory() -> None:
+        held.append(aggregate_adapters(adapters, strategy=name, record_sha256=False))
+
+    run_in_memory()
+    release()
+    return repeat_timed(run_in_memory, spec["repeats"], spec["max_seconds"], cleanup=release)
 
 
 def _tiny_model(hidden: int, modules: list[tuple[int, str]]):

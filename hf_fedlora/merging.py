@@ -69,7 +69,7 @@ def _fold_checked(adapter: LoraAdapter, module: str, raw: Factors, fold, check: 
     a_raw, b_raw = raw
     scale = adapter.scale(module)
     root = math.sqrt(scale)
-    a = fold("a", a_raw, (a_raw.shape[0], a_raw[0].numel()), root)
+    a = fold("a", a_raw, (a_raw.shape[0], math.prod(a_raw.shape[1:])), root)
     b = fold("b", b_raw, (b_raw.shape[0], b_raw.shape[1]), root)
     if check:  # finite factors times a large scale may still overflow float32
         where = f"{adapter.where} (after folding the scale {scale:.3g})"
@@ -132,7 +132,7 @@ def _merge_module(
                 strategy.fold_in(state, a, b, weight)
             else:  # the scale is folded into the rule's add (an overflow shows in the merged module)
                 a_raw, b_raw = factors
-                a = scratch.float32("a", a_raw, (a_raw.shape[0], a_raw[0].numel()))
+                a = scratch.float32("a", a_raw, (a_raw.shape[0], math.prod(a_raw.shape[1:])))
                 b = scratch.float32("b", b_raw, (b_raw.shape[0], b_raw.shape[1]))
                 strategy.fold_in_scaled(state, a, b, weight, math.sqrt(adapter.scale(module)))
         except (AdapterError, RuntimeError) as exc:
