@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter
 from .adapters.keys import bias_key, magnitude_key
-from .adapters.validate import check_finite, sum_is_finite
+from .adapters.validate import check_finite, finite_values, sum_is_finite
 from .errors import AdapterError, NonFiniteTensorError
 from .rank_groups import ReadAhead, chunks_pay
 from .strategies import ModuleInputs, Strategy
@@ -148,8 +148,8 @@ def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, module: str, key: str
     """``tensor`` in the output dtype, refused (``NonFiniteTensorError`` naming the module) when a
     value is NaN/Inf: a merged value past float16's range is an error, never an Inf in the output."""
     out = tensor.to(dtype).contiguous()
-    if not sum_is_finite(out) and not torch.isfinite(out).all():
-        bad = int((~torch.isfinite(out)).sum())
+    if not sum_is_finite(out) and not (finite := finite_values(out)).all():
+        bad = int((~finite).sum())
         raise NonFiniteTensorError(
             f"merged module `{module}`: tensor `{key}` holds {bad} NaN/Inf value(s) in the output dtype "
             f"{str(dtype).replace('torch.', '')}"
@@ -240,8 +240,18 @@ def merge_modules(
                     _merge_one_by_one(adapters, modules, strategy, p, target_rank, prior, check)
                 )
             )
+        # a merged module is cast, checked and stored on a thread of its own while the next module is
+        # merged: the output's first touch of fresh memory (a page fault per 4 KiB) leaves the merging
+        # thread; one module in flight at most, and stored in order; shut down before the files close
+        storer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="hf-fedlora-store"))
+        in_flight: tuple[str, Future] | None = None
         for module, factors in merged:
-            ranks[module] = _store(state, adapters, module, factors, p, out_dtype, check)
+            if in_flight is not None:
+                ranks[in_flight[0]] = in_flight[1].result()  # its error, if any, is raised here
+                bar.update()
+            in_flight = module, storer.submit(_store, state, adapters, module, factors, p, out_dtype, check)
+        if in_flight is not None:
+            ranks[in_flight[0]] = in_flight[1].result()
             bar.update()
     return state, ranks
 

@@ -81,11 +81,11 @@ def test_a_float16_output_that_overflows_names_the_module():
     assert torch.isfinite(merged.lora_factors(merged.modules[0])[0]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
 def test_finite_checks_fall_back_to_every_value_when_a_sum_of_finite_values_overflows(dtype):
     big = torch.full((64,), torch.finfo(dtype).max / 4, dtype=dtype)  # finite; 16x the max in total
-    # float16 is summed to a float32 result, which holds it; the others overflow and fall back
-    assert sum_is_finite(big) == (dtype == torch.float16)
+    # float16 and float8 are summed to a float32 result, which holds it; the others overflow and fall back
+    assert sum_is_finite(big) == (dtype in (torch.float16, torch.float8_e4m3fn))
     check_finite(big, "client 0", "layer.lora_A.weight")  # every value finite: accepted
     assert torch.equal(cast_checked(big.float(), dtype, "layer", "layer.lora_A.weight"), big)
     big[3] = float("nan")

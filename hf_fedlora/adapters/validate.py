@@ -189,22 +189,32 @@ def _check_dense_terms(adapter: AdapterLayout, module: str, out_features: int, w
             )
 
 
+_OWN_DTYPE_SUMS = (torch.bfloat16, torch.float32, torch.float64)
+"""Dtypes summed in their own dtype by :func:`sum_is_finite`: a range of float32's or wider."""
+
+
 def sum_is_finite(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s sum is finite, which proves every value finite (a NaN or Inf propagates);
-    ``False`` calls for an element-wise check, since a sum of huge finite values may overflow. One
-    reduction: float16 is summed to a float32 result (its own range is small); bfloat16 keeps its
-    dtype, whose range is float32's, because asking it for float32 costs a float32 copy."""
-    return bool(
-        torch.isfinite(tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum())
-    )
+    ``False`` calls for :func:`finite_values`, since a sum of huge finite values may overflow. One
+    reduction: bfloat16 keeps its dtype, whose range is float32's (asking it for a float32 result
+    costs a float32 copy); float16 and float8 (small ranges, or no sum of their own) are summed to
+    a float32 result."""
+    own = tensor.dtype in _OWN_DTYPE_SUMS
+    return bool(torch.isfinite(tensor.sum() if own else tensor.sum(dtype=torch.float32)))
+
+
+def finite_values(tensor: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite`` of every value, also for float8 (which torch checks only once widened)."""
+    return torch.isfinite(tensor if tensor.dtype in (*_OWN_DTYPE_SUMS, torch.float16) else tensor.float())
 
 
 def check_finite(tensor: torch.Tensor, where: str, key: str) -> None:
     """Refuse NaN or Inf in a client's tensor."""
     if sum_is_finite(tensor):
         return
-    if not torch.isfinite(tensor).all():  # the sum may overflow on huge finite values
-        bad = int((~torch.isfinite(tensor)).sum())
+    finite = finite_values(tensor)
+    if not finite.all():  # the sum may overflow on huge finite values
+        bad = int((~finite).sum())
         raise NonFiniteTensorError(
             f"{where}: tensor `{key}` holds {bad} NaN/Inf value(s). The client's training diverged; "
             "drop this client from the round or lower its learning rate."
