@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -240,18 +240,8 @@ def merge_modules(
                     _merge_one_by_one(adapters, modules, strategy, p, target_rank, prior, check)
                 )
             )
-        # a merged module is cast, checked and stored on a thread of its own while the next module is
-        # merged: the output's first touch of fresh memory (a page fault per 4 KiB) leaves the merging
-        # thread; one module in flight at most, and stored in order; shut down before the files close
-        storer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="hf-fedlora-store"))
-        in_flight: tuple[str, Future] | None = None
         for module, factors in merged:
-            if in_flight is not None:
-                ranks[in_flight[0]] = in_flight[1].result()  # its error, if any, is raised here
-                bar.update()
-            in_flight = module, storer.submit(_store, state, adapters, module, factors, p, out_dtype, check)
-        if in_flight is not None:
-            ranks[in_flight[0]] = in_flight[1].result()
+            ranks[module] = _store(state, adapters, module, factors, p, out_dtype, check)
             bar.update()
     return state, ranks
 
