@@ -26,10 +26,11 @@ class _NormWeightedSums:
     weighted: bool = False  # whether a client with a non-zero update has been folded in
 
 
-def client_norm(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
-    """``||B' A'||_F`` as a Python float: from float32 Gram matrices, recomputed in float64 when
-    their products overflow float32 (factors past ~1e6 can overflow the squared norm while the norm
-    itself is representable).
+def client_norm(a: torch.Tensor, b: torch.Tensor, name: str, scale: float = 1.0) -> float:
+    """``scale * ||B A||_F`` as a Python float (``scale``: PEFT's, when ``A`` and ``B`` are stored
+    factors not yet folded; ``||(sqrt(s) B)(sqrt(s) A)||_F = s ||B A||_F``): from float32 Gram
+    matrices, recomputed in float64 when their products overflow float32 (factors past ~1e6 can
+    overflow the squared norm while the norm itself is representable).
 
     Raises:
         NonFiniteTensorError: the norm itself is NaN, or past float32's range: such an update cannot
@@ -38,6 +39,7 @@ def client_norm(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
     norm = float(update_norm(a, b))
     if not math.isfinite(norm):
         norm = float(update_norm(a.double(), b.double()))
+    norm *= scale
     if not math.isfinite(norm) or norm > FLOAT32_MAX:
         raise NonFiniteTensorError(
             f"module `{name}`: the update's norm ||B'A'||_F is {norm:.3g}, past float32's range; "
@@ -77,11 +79,17 @@ class HetLoraStrategy(Strategy):
         return _NormWeightedSums(name, PaddedSums(target_rank))
 
     def fold_in(self, state: _NormWeightedSums, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
-        scaled = weight * client_norm(a, b, state.name)
+        self.fold_in_scaled(state, a, b, weight, 1.0)
+
+    def fold_in_scaled(
+        self, state: _NormWeightedSums, a: torch.Tensor, b: torch.Tensor, weight: float, root: float
+    ) -> None:
+        # the scale goes into the norm (root**2) and into the add, not into the factors: one pass fewer
+        scaled = weight * client_norm(a, b, state.name, root * root)
         if scaled > 0 and not state.weighted:  # the first non-zero update: norm weights from now on
             state.sums.clear()
             state.weighted = True
-        state.sums.add(a, b, scaled if state.weighted else weight)  # a zero weight reserves the rank
+        state.sums.add(a, b, scaled if state.weighted else weight, root)  # a zero weight reserves the rank
 
     def finish(
         self,
