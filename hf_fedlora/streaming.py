@@ -22,6 +22,7 @@ from .adapters.keys import bias_key, magnitude_key
 from .adapters.reference import check_against
 from .adapters.scaling import fold, unit_scale_config
 from .adapters.sources import AdapterSource, describe_source, resolve_adapter
+from .adapters.validate import reducible
 from .aggregation import (
     ReferenceSource,
     check_ranks,
@@ -149,7 +150,7 @@ def _folds_finite(factors: tuple[torch.Tensor, torch.Tensor], root: float) -> bo
     """Whether every value is finite and stays within float32 once multiplied by ``root``."""
     for tensor in factors:
         if tensor.numel():
-            low, high = torch.aminmax(tensor)
+            low, high = torch.aminmax(reducible(tensor))
             peak = max(-float(low), float(high)) * root  # NaN stays NaN
             if not peak <= FLOAT32_MAX:
                 return False

@@ -96,6 +96,32 @@ def test_finite_checks_fall_back_to_every_value_when_a_sum_of_finite_values_over
         cast_checked(big.float(), dtype, "layer", "k")
 
 
+def test_float8_clients_merge_the_same_listed_or_streamed():
+    def float8(adapter: LoraAdapter) -> LoraAdapter:
+        state = {
+            key: factor.to(torch.float8_e4m3fn)
+            for module in adapter.modules
+            for key, factor in zip(adapter.layout.factor_keys(module), adapter.lora_factors(module))
+        }
+        return LoraAdapter.from_state_dict(adapter.config, state)
+
+    clients = [float8(lora(4, 1)), float8(lora(8, 2))]
+    listed = aggregate_adapters(clients, "replication", dtype=torch.float32)
+    agg = StreamingAggregator("replication", dtype=torch.float32)
+    for client in clients:
+        agg.add(client)
+    streamed = agg.result()
+    for module in listed.modules:
+        torch.testing.assert_close(streamed.delta_weight(module), listed.delta_weight(module))
+        # float64 reference: slots 0-3 are the two clients' mean, slots 4-7 the rank-8 client's own
+        (a4, b4), (a8, b8) = [
+            (a.double(), b.double()) for a, b in (c.folded_factors(module) for c in clients)
+        ]
+        a = torch.cat([(a4 + a8[:4]) / 2, a8[4:]])
+        b = torch.cat([(b4 + b8[:, :4]) / 2, b8[:, 4:]], dim=1)
+        torch.testing.assert_close(listed.delta_weight(module).double(), b @ a, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["list", "stream"])
 def test_hetlora_with_1e19_values_names_the_client_and_the_round_goes_on(mode):
     good = [lora(4, 1), lora(8, 2)]

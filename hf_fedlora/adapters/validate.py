@@ -203,9 +203,15 @@ def sum_is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum() if own else tensor.sum(dtype=torch.float32)))
 
 
+def reducible(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or widened to float32 when it is float8: torch has no ``isfinite``,
+    ``sum`` or ``aminmax`` of its own for float8."""
+    return tensor if tensor.dtype in (*_OWN_DTYPE_SUMS, torch.float16) else tensor.float()
+
+
 def finite_values(tensor: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite`` of every value, also for float8 (which torch checks only once widened)."""
-    return torch.isfinite(tensor if tensor.dtype in (*_OWN_DTYPE_SUMS, torch.float16) else tensor.float())
+    """``torch.isfinite`` of every value, whatever the float dtype (:func:`reducible`)."""
+    return torch.isfinite(reducible(tensor))
 
 
 def check_finite(tensor: torch.Tensor, where: str, key: str) -> None:
