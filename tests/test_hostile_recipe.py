@@ -32,7 +32,16 @@ from testing_utils import (
 )
 
 from hf_fedlora import LoraAdapter
-from hf_fedlora.federation.guard import LOCK_NAME, OutputDirLock, RunLockedError
+from hf_fedlora.federation.guard import (
+    LOCK_NAME,
+    Interrupted,
+    OutputDirLock,
+    RunLockedError,
+    install_interrupt_handlers,
+    interrupts_held,
+)
+from hf_fedlora.federation.rounds import RoundRecord, RoundWriter, read_records
+from hf_fedlora.federation.state import RunState
 
 
 def _default_sigint() -> None:
@@ -155,6 +164,32 @@ def test_an_interrupt_stops_the_run_cleanly(
     assert completed < ROUNDS_NEVER_REACHED
     line = f"interrupted in round {completed + 1}; rerun with --resume (output: {out})"
     assert line in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize("sig, raised", [(signal.SIGTERM, Interrupted), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_between_the_metrics_line_and_state_json_waits_for_both(
+    sig, raised, tmp_path, restore_signals
+):
+    """The race CI once hit: a stop after a round's ``metrics.jsonl`` line, before its ``state.json``."""
+    install_interrupt_handlers()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    terminate, interrupt = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    writer, state = RoundWriter(tmp_path), RunState()
+    with pytest.raises(raised) as stopped:
+        with interrupts_held():
+            writer.append(RoundRecord(round=1, strategy="replication"))
+            os.kill(os.getpid(), sig)  # its Python handler would run before the next line
+            state.completed_round = 1
+            state.save(tmp_path)
+    assert getattr(stopped.value, "signum", signal.SIGINT) == sig
+    assert RunState.load(tmp_path).completed_round == 1
+    assert [r.round for r in read_records(tmp_path)] == [1]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (terminate, interrupt)
+
+    signal.signal(sig, signal.SIG_IGN)  # an ignored signal stays ignored through the block
+    with interrupts_held():
+        os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) == signal.SIG_IGN
 
 
 def test_lock_refuses_a_live_holder_takes_over_a_stale_one_and_is_released(

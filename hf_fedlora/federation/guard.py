@@ -10,6 +10,9 @@ SIGINT/SIGTERM, and one line (exit 2) instead of a traceback for an operator's m
   ``accelerate launch`` the training process also asks the kernel for a SIGTERM when its launcher
   dies (``PR_SET_PDEATHSIG``), since the launcher does not forward signals. It prints ``interrupted
   in round N; rerun with --resume`` and exits ``128 + signal`` (130, 143).
+- :func:`interrupts_held`: a block that a signal cannot cut in two. The round's ``metrics.jsonl``
+  line and ``state.json`` are written inside one, so a stop never leaves a line for a round that
+  ``state.json`` does not call complete; the signal takes effect when the block ends.
 
 Signal handlers are process-wide state, so only scripts install them (:func:`run_script`);
 :func:`~hf_fedlora.federation.run_federation` itself only takes the lock.
@@ -21,7 +24,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +104,37 @@ def check_output_dir(out: Path) -> None:
     """Refuse an ``output_dir`` that exists but is not a folder (an operator's mistake)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"`output_dir` '{out}' exists and is not a folder; choose another path.")
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then act on the first as it would have acted.
+
+    For writes that belong together (a round's ``metrics.jsonl`` line and its ``state.json``): a stop
+    lands before or after them, never between. A signal that is ignored stays ignored; off the main
+    thread (where Python cannot set handlers) the block runs unguarded. If the block raises, its
+    exception wins and a held signal is dropped: the run is ending anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        handler = previous[held[0]]
+        if callable(handler):
+            handler(held[0], None)
+        else:  # SIG_DFL: let the kernel do what it would have done
+            os.kill(os.getpid(), held[0])
 
 
 # -- the script side -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ..aggregation import aggregate_adapters
 from ..errors import AdapterError
 from ..screening import ClientVerdict, screen_clients
 from ..streaming import StreamingAggregator
+from .guard import interrupts_held
 from .ranks import quality_upgrade
 from .rounds import ClientRecord, DroppedClient, RoundRecord, round_dir
 from .run import FederationRun
@@ -181,9 +182,10 @@ def _write_round(
     if run.writer.hub_repo_id:
         record.hub_push = run.writer.push(record)
     record.seconds["wall"] = round(time.perf_counter() - round_start, 3)
-    run.writer.append(record)
-    state.completed_round = record.round
-    state.save(out)
+    with interrupts_held():  # the JSONL line and state.json: both or neither
+        run.writer.append(record)
+        state.completed_round = record.round
+        state.save(out)
     if run.fed_args.keep_client_adapters and exchange.is_dir():
         kept = out / "clients" / round_dir(out, record.round).name
         shutil.rmtree(kept, ignore_errors=True)
