@@ -171,8 +171,9 @@ def test_a_signal_between_the_metrics_line_and_state_json_waits_for_both(
     sig, raised, tmp_path, restore_signals
 ):
     """The race CI once hit: a stop after a round's ``metrics.jsonl`` line, before its ``state.json``."""
-    install_interrupt_handlers()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fresh script starts (Ray, run earlier, sets its own)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_interrupt_handlers()
     terminate, interrupt = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     writer, state = RoundWriter(tmp_path), RunState()
     with pytest.raises(raised) as stopped:

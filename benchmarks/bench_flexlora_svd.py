@@ -1,0 +1,163 @@
+"""What bounds FlexLoRA's SVD at many clients: its pieces and the range finders, against 50x a dense SVD.
+
+Issue 14 asks FlexLoRA at 50 clients (summed rank 1,464 on one 4096 x 4096 module) for 50x the
+dense SVD, with a randomised method the default only where it is within 1e-3 of exact. This script
+times, on one thread like ``bench_aggregation.py``'s SVD case and on the same client files:
+
+- the exact route (``linalg.factored_svd``) and its floor, the two Householder QRs of the stacks;
+- subspace iteration (``linalg.randomized_factored_svd``, the library's randomised route) at
+  several numbers of power iterations;
+- a block Krylov range finder (Musco & Musco, NeurIPS 2015), kept here as a measured alternative;
+
+each with its excess error, ``(||M - M_r||_F^2 - ||M - M_exact||_F^2) / ||M||_F^2``, on the
+benchmark's independent clients and on the same factors made to share directions (a decaying
+spectrum). ``--dense`` also times ``torch.linalg.svd`` of the dense sum (about 30 s per client
+count) for the 50x budget; without it the budget is read from ``docs/results/aggregation.json``.
+
+    python benchmarks/bench_flexlora_svd.py                     # 10 and 50 clients, a few minutes
+    python benchmarks/bench_flexlora_svd.py --clients 50 --dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import load_preset, roomiest_temp_dir, write_json  # noqa: E402
+from aggregation_cases import Preset, _shared_directions, ensure_inputs, input_dirs  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = REPO_ROOT / "docs" / "results" / "aggregation.json"
+SPEEDUP_GOAL = 50.0
+EXCESS_GOAL = 1e-3
+
+
+def _best_of(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def block_krylov(bs, as_, rank: int, *, width: int, depth: int, seed: int = 0):
+    """Rank-``rank`` factors of ``sum_k B_k A_k`` from the block Krylov space
+    ``[M W, (M M^T) M W, ..., (M M^T)^depth M W]`` (each block orthonormalised), then Rayleigh-Ritz."""
+    import torch
+
+    b_stack, a_stack = torch.cat([b.float() for b in bs], 1), torch.cat([a.float() for a in as_], 0)
+    generator = torch.Generator().manual_seed(seed)
+    block = torch.linalg.qr(b_stack @ (a_stack @ torch.randn(a_stack.shape[1], width, generator=generator))).Q
+    blocks = [block]
+    for _ in range(depth):
+        block = torch.linalg.qr(b_stack @ (a_stack @ (a_stack.T @ (b_stack.T @ block)))).Q
+        blocks.append(block)
+    q = torch.linalg.qr(torch.cat(blocks, 1)).Q
+    u, s, vh = torch.linalg.svd((q.T @ b_stack).double() @ a_stack.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], (q.double() @ u[:, :rank]) * root
+
+
+def _published_dense_seconds(n: int) -> float | None:
+    try:
+        cases = json.loads(PUBLISHED.read_text())["presets"]["full"]["cases"]
+        return float(cases[f"dense_svd///mixed/{n}"]["dense_svd"]["median"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def measure(dirs: list[str], dense: bool, repeats: int) -> dict:
+    import torch
+
+    from hf_fedlora import LoraAdapter
+    from hf_fedlora.linalg import factored_svd, randomized_factored_svd, squared_update_norm
+
+    adapters = [LoraAdapter.from_pretrained(d) for d in dirs]
+    module = adapters[0].modules[0]
+    base = [a.folded_factors(module) for a in adapters]
+    root_p = (1.0 / len(base)) ** 0.5
+    rank = max(a.shape[0] for a, _ in base)
+    result: dict = {"module": module, "clients": len(base), "summed_rank": sum(a.shape[0] for a, _ in base)}
+    energy_of = lambda a, b: float(squared_update_norm(a.double(), b.double()))  # noqa: E731
+    for variant, folded in (("independent", base), ("shared", _shared_directions(base))):
+        bs, as_ = [root_p * b for _, b in folded], [root_p * a for a, _ in folded]
+        b_stack, a_stack = torch.cat(bs, 1), torch.cat(as_, 0)
+        total = energy_of(a_stack, b_stack)
+        rows = {}
+        seconds, (a, b) = _best_of(lambda: factored_svd(bs, as_, rank), repeats)
+        top = energy_of(a, b)
+        rows["exact"] = {"seconds": seconds, "excess": 0.0}
+        seconds, _ = _best_of(
+            lambda: (torch.linalg.qr(b_stack, mode="r"), torch.linalg.qr(a_stack.T, mode="r")), repeats
+        )
+        rows["exact floor: two QRs"] = {"seconds": seconds, "excess": None}
+        for q in (2, 4, 8):
+            seconds, (a, b, _) = _best_of(
+                lambda q=q: randomized_factored_svd(bs, as_, rank, power_iterations=q), repeats
+            )
+            rows[f"subspace q={q}"] = {"seconds": seconds, "excess": (top - energy_of(a, b)) / total}
+        for depth in (2, 3, 4):
+            seconds, (a, b) = _best_of(
+                lambda d=depth: block_krylov(bs, as_, rank, width=rank + 16, depth=d), repeats
+            )
+            rows[f"block Krylov depth={depth}"] = {"seconds": seconds, "excess": (top - energy_of(a, b)) / total}
+        result[variant] = {"top_r_energy_share": top / total, "rows": rows}
+    if dense:
+        w = sum((b @ a) * (root_p**2) for a, b in base)
+        result["dense_svd_seconds"], _ = _best_of(lambda: torch.linalg.svd(w, full_matrices=False), 1)
+    else:
+        result["dense_svd_seconds"] = _published_dense_seconds(len(base))
+    return result
+
+
+def print_table(result: dict) -> None:
+    dense = result["dense_svd_seconds"]
+    budget = dense / SPEEDUP_GOAL if dense else None
+    print(
+        f"\n{result['clients']} clients (summed rank {result['summed_rank']}), one thread; dense SVD "
+        + (f"{dense:.1f} s, so 50x is {budget:.3f} s" if dense else "not measured")
+    )
+    for variant in ("independent", "shared"):
+        print(f"  {variant} clients: the exact top-r keeps {result[variant]['top_r_energy_share']:.3f} of the energy")
+        print(f"    {'method':26s} {'seconds':>8s} {'x dense':>8s} {'excess':>9s}  within both goals")
+        for name, row in result[variant]["rows"].items():
+            speed = dense / row["seconds"] if dense else float("nan")
+            excess = row["excess"]
+            ok = excess is not None and excess <= EXCESS_GOAL and speed >= SPEEDUP_GOAL
+            shown = "" if excess is None else f"{excess:9.2e}"
+            print(f"    {name:26s} {row['seconds']:8.3f} {speed:8.1f} {shown:>9s}  {'yes' if ok else 'no'}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 50], help="client counts (default: 10 50)")
+    parser.add_argument("--dense", action="store_true", help="also time the dense SVD (~30 s per count)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per method")
+    parser.add_argument("--data-dir", type=Path, help="where the client files are (default: as bench_aggregation)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/flexlora_svd.json"), help="results JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    preset = load_preset(Preset, "aggregation", "full")
+    root = (args.data_dir or roomiest_temp_dir()) / "hf_fedlora_bench_aggregation"
+    results = []
+    for n in args.clients:
+        dirs = input_dirs(root, preset, "mixed", n)
+        ensure_inputs(preset, dirs)
+        results.append(measure(dirs, args.dense, args.repeats))
+        print_table(results[-1])
+    write_json(args.out, results)
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
