@@ -72,11 +72,43 @@ def _published_dense_seconds(n: int) -> float | None:
         return None
 
 
+def measure_sum(bs: list, as_: list, rank: int, repeats: int) -> dict:
+    """Every method on ``sum_k B_k A_k``: its best time and its excess error against the exact result."""
+    import torch
+
+    from hf_fedlora.linalg import factored_svd, randomized_factored_svd, squared_update_norm
+
+    def energy_of(a, b) -> float:
+        return float(squared_update_norm(a.double(), b.double()))
+
+    b_stack, a_stack = torch.cat(bs, 1), torch.cat(as_, 0)
+    total = energy_of(a_stack, b_stack)
+    rows = {}
+    seconds, (a, b) = _best_of(lambda: factored_svd(bs, as_, rank), repeats)
+    top = energy_of(a, b)
+    rows["exact"] = {"seconds": seconds, "excess": 0.0}
+    seconds, _ = _best_of(
+        lambda: (torch.linalg.qr(b_stack, mode="r"), torch.linalg.qr(a_stack.T, mode="r")), repeats
+    )
+    rows["exact floor: two QRs"] = {"seconds": seconds, "excess": None}
+    for q in (2, 4, 8):
+        seconds, (a, b, _) = _best_of(
+            lambda q=q: randomized_factored_svd(bs, as_, rank, power_iterations=q), repeats
+        )
+        rows[f"subspace q={q}"] = {"seconds": seconds, "excess": (top - energy_of(a, b)) / total}
+    for depth in (2, 3, 4):
+        seconds, (a, b) = _best_of(
+            lambda d=depth: block_krylov(bs, as_, rank, width=rank + 16, depth=d), repeats
+        )
+        rows[f"block Krylov depth={depth}"] = {"seconds": seconds, "excess": (top - energy_of(a, b)) / total}
+    return {"top_r_energy_share": top / total, "rows": rows}
+
+
 def measure(dirs: list[str], dense: bool, repeats: int) -> dict:
+    """Both variants of one module of the clients in ``dirs`` (weights ``1/n``), and the dense SVD."""
     import torch
 
     from hf_fedlora import LoraAdapter
-    from hf_fedlora.linalg import factored_svd, randomized_factored_svd, squared_update_norm
 
     adapters = [LoraAdapter.from_pretrained(d) for d in dirs]
     module = adapters[0].modules[0]
@@ -84,30 +116,9 @@ def measure(dirs: list[str], dense: bool, repeats: int) -> dict:
     root_p = (1.0 / len(base)) ** 0.5
     rank = max(a.shape[0] for a, _ in base)
     result: dict = {"module": module, "clients": len(base), "summed_rank": sum(a.shape[0] for a, _ in base)}
-    energy_of = lambda a, b: float(squared_update_norm(a.double(), b.double()))  # noqa: E731
     for variant, folded in (("independent", base), ("shared", _shared_directions(base))):
         bs, as_ = [root_p * b for _, b in folded], [root_p * a for a, _ in folded]
-        b_stack, a_stack = torch.cat(bs, 1), torch.cat(as_, 0)
-        total = energy_of(a_stack, b_stack)
-        rows = {}
-        seconds, (a, b) = _best_of(lambda: factored_svd(bs, as_, rank), repeats)
-        top = energy_of(a, b)
-        rows["exact"] = {"seconds": seconds, "excess": 0.0}
-        seconds, _ = _best_of(
-            lambda: (torch.linalg.qr(b_stack, mode="r"), torch.linalg.qr(a_stack.T, mode="r")), repeats
-        )
-        rows["exact floor: two QRs"] = {"seconds": seconds, "excess": None}
-        for q in (2, 4, 8):
-            seconds, (a, b, _) = _best_of(
-                lambda q=q: randomized_factored_svd(bs, as_, rank, power_iterations=q), repeats
-            )
-            rows[f"subspace q={q}"] = {"seconds": seconds, "excess": (top - energy_of(a, b)) / total}
-        for depth in (2, 3, 4):
-            seconds, (a, b) = _best_of(
-                lambda d=depth: block_krylov(bs, as_, rank, width=rank + 16, depth=d), repeats
-            )
-            rows[f"block Krylov depth={depth}"] = {"seconds": seconds, "excess": (top - energy_of(a, b)) / total}
-        result[variant] = {"top_r_energy_share": top / total, "rows": rows}
+        result[variant] = measure_sum(bs, as_, rank, repeats)
     if dense:
         w = sum((b @ a) * (root_p**2) for a, b in base)
         result["dense_svd_seconds"], _ = _best_of(lambda: torch.linalg.svd(w, full_matrices=False), 1)
@@ -124,7 +135,9 @@ def print_table(result: dict) -> None:
         + (f"{dense:.1f} s, so 50x is {budget:.3f} s" if dense else "not measured")
     )
     for variant in ("independent", "shared"):
-        print(f"  {variant} clients: the exact top-r keeps {result[variant]['top_r_energy_share']:.3f} of the energy")
+        print(
+            f"  {variant} clients: the exact top-r keeps {result[variant]['top_r_energy_share']:.3f} of the energy"
+        )
         print(f"    {'method':26s} {'seconds':>8s} {'x dense':>8s} {'excess':>9s}  within both goals")
         for name, row in result[variant]["rows"].items():
             speed = dense / row["seconds"] if dense else float("nan")
@@ -136,11 +149,17 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 50], help="client counts (default: 10 50)")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[10, 50], help="client counts (default: 10 50)"
+    )
     parser.add_argument("--dense", action="store_true", help="also time the dense SVD (~30 s per count)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per method")
-    parser.add_argument("--data-dir", type=Path, help="where the client files are (default: as bench_aggregation)")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/flexlora_svd.json"), help="results JSON")
+    parser.add_argument(
+        "--data-dir", type=Path, help="where the client files are (default: as bench_aggregation)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench_results/flexlora_svd.json"), help="results JSON"
+    )
     args = parser.parse_args(argv)
 
     import torch

@@ -96,7 +96,7 @@ def top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     ``torch.linalg.svd`` truncated to ``rank`` would give them (descending ``S``).
 
     A full SVD costs the whole spectrum; when few triplets of a large core are wanted and scipy is
-    installed, only the leading eigenpairs of the Gram ``C C^T`` are computed (LAPACK's MRRR,
+    installed, only the leading eigenpairs of the Gram ``C C^T`` (its lower triangle, BLAS ``syrk``) are computed (LAPACK's MRRR,
     ``syevr``, on an index range), and ``Vh = U^T C / S``. The rank-``rank`` product
     ``U S Vh = U U^T C`` is then the exact projection of ``C`` on those directions whatever the
     rounding of ``S``; float64 keeps the eigenvalues to ``1e-16 ||C||^2``.
@@ -110,13 +110,17 @@ def top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     if scipy is None or keep == 0 or size < PARTIAL_EIGH_MIN_SIZE or 4 * keep > size:
         u, s, vh = torch.linalg.svd(core, full_matrices=False)
         return u[:, :keep], s[:keep], vh[:keep]
+    import scipy.linalg.blas
+
     tall = core.shape[0] > core.shape[1]
     c = core.T if tall else core  # the Gram of the shorter side
-    gram = c @ c.T
-    if not torch.isfinite(gram).all():
+    # its lower triangle only (BLAS syrk: half the products of c @ c.T), all that eigh reads
+    gram = scipy.linalg.blas.dsyrk(1.0, c.numpy(), lower=1)
+    if not torch.isfinite(torch.from_numpy(gram)).all():
         raise RuntimeError("top_singular: the core is not finite (NaN/Inf in its factors)")
     values, vectors = scipy.linalg.eigh(
-        gram.numpy(),
+        gram,
+        lower=True,
         subset_by_index=[gram.shape[0] - keep, gram.shape[0] - 1],
         driver="evr",
         check_finite=False,
