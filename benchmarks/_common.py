@@ -143,6 +143,18 @@ class AnonPeakSampler:
         return self.peak - self.start
 
 
+def use_one_thread() -> None:
+    """One thread for torch and for the BLAS/LAPACK that scipy loads (FlexLoRA's eigen-solve runs
+    there): ``torch.set_num_threads`` alone leaves scipy's OpenBLAS on every core, and the cases
+    compare one-thread times."""
+    import scipy.linalg  # noqa: F401  (loads its BLAS, so that the limit below reaches it)
+    import torch
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn (the recipes extra)
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+
+
 def repeat_timed(
     fn: Callable[[], Any],
     repeats: int,

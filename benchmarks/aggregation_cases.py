@@ -33,6 +33,7 @@ from _common import (  # noqa: E402
     proc_status,
     repeat_timed,
     summarize,
+    use_one_thread,
     write_child_result,
 )
 
@@ -144,7 +145,7 @@ def case_io_floor(spec: dict) -> dict:
 
     from hf_fedlora import LoraAdapter
 
-    torch.set_num_threads(1)  # as the strategy cases
+    use_one_thread()  # as the strategy cases
     warnings.filterwarnings(
         "ignore", message="The given buffer is not writable"
     )  # read-only bytes: fine here
@@ -198,9 +199,9 @@ def case_strategy(spec: dict) -> dict:
     from hf_fedlora import aggregate_adapters
 
     dirs, name = spec["dirs"], spec["strategy"]
-    # one torch thread: on a shared 2-core machine a loaded intra-op pool thrashes (the merge's read
+    # one thread: on a shared 2-core machine a loaded intra-op pool thrashes (the merge's read
     # helper thread still runs beside it)
-    torch.set_num_threads(1)
+    use_one_thread()
     base = {"maxrss": max_rss_bytes(), **proc_status()}
     info: dict[str, Any] = {}
 
@@ -362,7 +363,7 @@ def case_dense_svd(spec: dict) -> dict:
     from hf_fedlora import LoraAdapter
     from hf_fedlora.strategies import FlexLoraStrategy, ModuleInputs
 
-    torch.set_num_threads(1)
+    use_one_thread()
     adapters = [LoraAdapter.from_pretrained(d) for d in spec["dirs"]]
     module = adapters[0].modules[0]
     p = torch.full((len(adapters),), 1.0 / len(adapters))
@@ -445,7 +446,7 @@ def case_streaming(spec: dict) -> dict:
     dirs, name = spec["dirs"], spec["strategy"]
     # the clients' matrices are tiny: on a shared CPU, torch's thread pool costs more than it gives
     # (hetlora's Gram products took 10-25 ms each with 2 threads under load, 0.1 ms with one)
-    torch.set_num_threads(1)
+    use_one_thread()
 
     def merge():
         if spec["mode"] == "list":

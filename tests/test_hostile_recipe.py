@@ -187,6 +187,14 @@ def test_a_signal_between_the_metrics_line_and_state_json_waits_for_both(
     assert [r.round for r in read_records(tmp_path)] == [1]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (terminate, interrupt)
 
+    # a block that fails still delivers the stop it held, after its own error
+    with pytest.raises(raised) as stopped:
+        with interrupts_held():
+            os.kill(os.getpid(), sig)
+            raise OSError("disk full")
+    assert isinstance(stopped.value.__context__, OSError)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (terminate, interrupt)
+
     signal.signal(sig, signal.SIG_IGN)  # an ignored signal stays ignored through the block
     with interrupts_held():
         os.kill(os.getpid(), sig)

@@ -11,8 +11,9 @@ SIGINT/SIGTERM, and one line (exit 2) instead of a traceback for an operator's m
   dies (``PR_SET_PDEATHSIG``), since the launcher does not forward signals. It prints ``interrupted
   in round N; rerun with --resume`` and exits ``128 + signal`` (130, 143).
 - :func:`interrupts_held`: a block that a signal cannot cut in two. The round's ``metrics.jsonl``
-  line and ``state.json`` are written inside one, so a stop never leaves a line for a round that
-  ``state.json`` does not call complete; the signal takes effect when the block ends.
+  line and ``state.json`` (and the kept client adapters) are written inside one, so a stop never
+  leaves a line for a round that ``state.json`` does not call complete; the signal takes effect when
+  the block ends.
 
 Signal handlers are process-wide state, so only scripts install them (:func:`run_script`);
 :func:`~hf_fedlora.federation.run_federation` itself only takes the lock.
@@ -108,33 +109,39 @@ def check_output_dir(out: Path) -> None:
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then act on the first as it would have acted.
+    """Hold SIGINT and SIGTERM until the block ends, then raise each held one again, to the handler
+    it would have reached.
 
     For writes that belong together (a round's ``metrics.jsonl`` line and its ``state.json``): a stop
     lands before or after them, never between. A signal that is ignored stays ignored; off the main
-    thread (where Python cannot set handlers) the block runs unguarded. If the block raises, its
-    exception wins and a held signal is dropped: the run is ending anyway.
+    thread (where Python cannot set handlers) the block runs unguarded. A held stop is never dropped:
+    when the block raises, the signal is raised again while that exception propagates.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    previous: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler not in (signal.SIG_IGN, None):
-            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    previous: list[tuple[int, Any]] = []
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler not in (signal.SIG_IGN, None):
+                previous.append((sig, handler))
+                signal.signal(sig, lambda signum, frame: held.append(signum))
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if held:
-        handler = previous[held[0]]
-        if callable(handler):
-            handler(held[0], None)
-        else:  # SIG_DFL: let the kernel do what it would have done
-            os.kill(os.getpid(), held[0])
+        _restore_handlers(previous)
+        for signum in dict.fromkeys(held):  # each once, in arrival order; its handler runs inside
+            signal.raise_signal(signum)
+
+
+def _restore_handlers(handlers: list[tuple[int, Any]]) -> None:
+    """Put every handler back, even when a signal arrives (and its handler raises) halfway."""
+    if handlers:
+        try:
+            signal.signal(*handlers[0])
+        finally:
+            _restore_handlers(handlers[1:])
 
 
 # -- the script side -------------------------------------------------------------------------------

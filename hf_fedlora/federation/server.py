@@ -176,21 +176,22 @@ def _update_ranks(
 def _write_round(
     run: FederationRun, record: RoundRecord, state: RunState, exchange: Path, round_start: float
 ) -> None:
-    """Push (if asked), append the JSONL line, save ``state.json``: the round is complete. Then
-    keep or delete the clients' adapters and log to the trackers."""
+    """Push (if asked), keep the clients' adapters (if asked), append the JSONL line, save
+    ``state.json``: the round is complete. Then delete the exchange folder and log to the trackers."""
     out = run.out
     if run.writer.hub_repo_id:
         record.hub_push = run.writer.push(record)
     record.seconds["wall"] = round(time.perf_counter() - round_start, 3)
-    with interrupts_held():  # the JSONL line and state.json: both or neither
+    # the kept clients, the JSONL line and state.json: all or none (an interrupt removes _exchange/)
+    with interrupts_held():
+        if run.fed_args.keep_client_adapters and exchange.is_dir():
+            kept = out / "clients" / round_dir(out, record.round).name
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(exchange, kept)
         run.writer.append(record)
         state.completed_round = record.round
         state.save(out)
-    if run.fed_args.keep_client_adapters and exchange.is_dir():
-        kept = out / "clients" / round_dir(out, record.round).name
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(exchange, kept)
     shutil.rmtree(exchange, ignore_errors=True)
     run.accelerator.log(
         {f"eval/{k}": v for k, v in record.eval.items()}
