@@ -121,9 +121,8 @@ def print_table(result: dict) -> None:
         f"{dense:.1f} s, so 50x is {dense / SPEEDUP_GOAL:.3f} s"
     )
     for variant in ("independent", "shared"):
-        print(
-            f"  {variant} clients: the exact top-r keeps {result[variant]['top_r_energy_share']:.3f} of the energy"
-        )
+        share = result[variant]["top_r_energy_share"]
+        print(f"  {variant} clients: the exact top-r keeps {share:.3f} of the energy")
         print(f"    {'method':26s} {'seconds':>8s} {'x dense':>8s} {'excess':>9s}  within both goals")
         for name, row in result[variant]["rows"].items():
             speed = dense / row["seconds"]

@@ -98,9 +98,9 @@ def top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
     A full SVD costs the whole spectrum; when few triplets of a large core are wanted and scipy is
     installed, only the leading eigenpairs of the Gram ``C C^T`` (its lower triangle, from BLAS
-    ``syrk``) are computed (LAPACK's MRRR, ``syevr``, on an index range), and ``Vh = U^T C / S``. The rank-``rank`` product
-    ``U S Vh = U U^T C`` is then the exact projection of ``C`` on those directions whatever the
-    rounding of ``S``; float64 keeps the eigenvalues to ``1e-16 ||C||^2``.
+    ``syrk``) are computed (LAPACK's MRRR, ``syevr``, on an index range), and ``Vh = U^T C / S``.
+    The rank-``rank`` product ``U S Vh = U U^T C`` is then the exact projection of ``C`` on those
+    directions whatever the rounding of ``S``; float64 keeps the eigenvalues to ``1e-16 ||C||^2``.
     """
     core = core.double()
     size = min(core.shape)
