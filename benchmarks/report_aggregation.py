@@ -469,9 +469,9 @@ NOTES = [
     "memory (`clone()`, since `get_tensor` can return a view of the mapped file). The floor with the provenance "
     "hash (`read+sha256`) reads each file once into memory, takes its sha256 from that buffer and makes every "
     "tensor from it (`frombuffer`, no further copy).",
-    "Strategy, floor and dense SVD cases run torch on one thread (the machine has 2 cores shared with other "
-    "jobs, where a loaded intra-op pool thrashes); `aggregate_adapters` still reads ahead on its helper "
-    "thread while it merges.",
+    "Strategy, floor and dense SVD cases run torch, and the BLAS/LAPACK that scipy loads (FlexLoRA's "
+    "eigen-solve), on one thread (the machine has 2 cores shared with other jobs, where a loaded intra-op "
+    "pool thrashes); `aggregate_adapters` still reads ahead on its helper thread while it merges.",
     "`tensor bytes` is the size of every input tensor, which each strategy reads once with positioned reads "
     "(`preadv`, no memory map); `read() bytes` is everything read through read() calls: those tensor reads "
     "and, for the provenance sha256, only the bytes no tensor read covered (the header).",
