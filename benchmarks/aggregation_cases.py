@@ -199,9 +199,7 @@ def case_strategy(spec: dict) -> dict:
     from hf_fedlora import aggregate_adapters
 
     dirs, name = spec["dirs"], spec["strategy"]
-    # one thread: on a shared 2-core machine a loaded intra-op pool thrashes (the merge's read
-    # helper thread still runs beside it)
-    use_one_thread()
+    use_one_thread()  # a loaded intra-op pool thrashes on 2 shared cores (the read helper still runs)
     base = {"maxrss": max_rss_bytes(), **proc_status()}
     info: dict[str, Any] = {}
 
