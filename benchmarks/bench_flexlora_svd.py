@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import load_preset, roomiest_temp_dir, use_one_thread, write_json  # noqa: E402
+from _common import load_preset, repeat_timed, roomiest_temp_dir, use_one_thread, write_json  # noqa: E402
 from aggregation_cases import Preset, _shared_directions, ensure_inputs, input_dirs  # noqa: E402
 
 SPEEDUP_GOAL = 50.0
@@ -36,12 +35,9 @@ EXCESS_GOAL = 1e-3
 
 
 def _best_of(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+    """The fastest of ``repeats`` timed calls of ``fn`` and the last call's result."""
+    result: dict = {}
+    return min(repeat_timed(lambda: result.__setitem__("out", fn()), repeats)), result["out"]
 
 
 def block_krylov(bs, as_, rank: int, *, width: int, depth: int, seed: int = 0):

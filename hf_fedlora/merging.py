@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter
 from .adapters.keys import bias_key, magnitude_key
-from .adapters.validate import check_finite, finite_values, sum_is_finite
+from .adapters.validate import check_finite, non_finite_count
 from .errors import AdapterError, NonFiniteTensorError
 from .rank_groups import ReadAhead, chunks_pay
 from .strategies import ModuleInputs, Strategy
@@ -148,8 +148,7 @@ def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, module: str, key: str
     """``tensor`` in the output dtype, refused (``NonFiniteTensorError`` naming the module) when a
     value is NaN/Inf: a merged value past float16's range is an error, never an Inf in the output."""
     out = tensor.to(dtype).contiguous()
-    if not sum_is_finite(out) and not (finite := finite_values(out)).all():
-        bad = int((~finite).sum())
+    if bad := non_finite_count(out):
         raise NonFiniteTensorError(
             f"merged module `{module}`: tensor `{key}` holds {bad} NaN/Inf value(s) in the output dtype "
             f"{str(dtype).replace('torch.', '')}"

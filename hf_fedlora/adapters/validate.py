@@ -214,13 +214,15 @@ def finite_values(tensor: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(reducible(tensor))
 
 
+def non_finite_count(tensor: torch.Tensor) -> int:
+    """How many values of ``tensor`` are NaN or Inf: one sum when there are none
+    (:func:`sum_is_finite`), every value only when the sum is not finite (it may overflow)."""
+    return 0 if sum_is_finite(tensor) else int((~finite_values(tensor)).sum())
+
+
 def check_finite(tensor: torch.Tensor, where: str, key: str) -> None:
     """Refuse NaN or Inf in a client's tensor."""
-    if sum_is_finite(tensor):
-        return
-    finite = finite_values(tensor)
-    if not finite.all():  # the sum may overflow on huge finite values
-        bad = int((~finite).sum())
+    if bad := non_finite_count(tensor):
         raise NonFiniteTensorError(
             f"{where}: tensor `{key}` holds {bad} NaN/Inf value(s). The client's training diverged; "
             "drop this client from the round or lower its learning rate."
